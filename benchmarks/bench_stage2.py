@@ -1,0 +1,186 @@
+"""Stage-2 capture throughput on a random-weight Llama-3.1-8B-shaped target (GPU; ``--tiny`` runs on CPU).
+
+    python benchmarks/bench_stage2.py --out results.json          # H100: 2K/8K/32K/128K conversations
+
+Per conversation length: tokens/s of the whole stage-2 hot path (packed forward with hooks on the 3 aux
+layers, chunked lm_head argmax, device->host copy into pinned buffers, Arrow shard writes with sha256 and
+fsync on a writer thread) measured from the first forward until the last shard is renamed; the same
+without the shard writes (``fwd tok/s``); peak ``torch.cuda.max_memory_allocated``; and MFU against a
+bf16 matmul measured on the same GPU. FLOPs per token = 2 * (non-embedding params + lm_head) plus causal
+attention 2 * T * H * L (QK^T and PV over T/2 keys on average, 2 FLOPs per multiply-add).
+Imports only stage2_hidden modules without Hydra, so it runs on the bare GPU image (no pip installs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from stage2_hidden.capture import HiddenCapture, default_layer_ids, prepare_model  # noqa: E402
+from stage2_hidden.pipeline import AsyncShardWriter, capture_shard  # noqa: E402
+from stage2_hidden.render import Rendered  # noqa: E402
+from stage2_hidden.shards import make_schema  # noqa: E402
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+
+
+def build_model(shape: dict, device: str, dtype: torch.dtype):
+    """Random-weight Llama built on the meta device and materialised in place (no fp32 copy, seconds)."""
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        with torch.device(device):  # recompute inv_freq (to_empty left the buffers uninitialised)
+            model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
+    return prepare_model(model), cfg
+
+
+def matmul_tflops(device: str, n: int = 8192, reps: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def flops_per_token(cfg: LlamaConfig, model, seq_len: int) -> float:
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return 2 * params + 2 * seq_len * cfg.hidden_size * cfg.num_hidden_layers
+
+
+def make_rows(n: int, length: int, vocab: int, seed: int) -> list[Rendered]:
+    rng = np.random.default_rng(seed)
+    return [Rendered(f"bench-{length}-{i}", rng.integers(0, vocab, length, dtype=np.int32),
+                     (rng.random(length) < 0.6).astype(np.uint8), "template") for i in range(n)]
+
+
+def timed_pass(cap, rows, batch_tokens, rows_per_shard, width, layer_ids, write: bool, tmp_root: str):
+    """Seconds for all rows: forwards + (optionally) shard writes, until everything is on disk."""
+    out_dir = Path(tempfile.mkdtemp(dir=tmp_root))
+    try:
+        writer = AsyncShardWriter(out_dir, make_schema(width, layer_ids), max_queue=4) if write else None
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        for start in range(0, len(rows), rows_per_shard):
+            shard = rows[start:start + rows_per_shard]
+            if write:
+                capture_shard(cap, writer, start // rows_per_shard, shard, batch_tokens)
+            else:
+                _forward_only(cap, shard, batch_tokens)
+        if write:
+            writer.finish()
+        sync()
+        return time.perf_counter() - t, sum(f.stat().st_size for f in out_dir.glob("*.arrow"))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _forward_only(cap, rows, batch_tokens):
+    from stage2_hidden.capture import pack_groups
+
+    for group in pack_groups([len(r.input_ids) for r in rows], batch_tokens):
+        out = cap.forward([torch.from_numpy(rows[i].input_ids) for i in group])
+        if out.hidden_TW.is_cuda:
+            host = torch.empty(out.hidden_TW.shape, dtype=torch.bfloat16, pin_memory=True)
+            host.copy_(out.hidden_TW, non_blocking=True)
+
+
+def packed_check(cap, vocab: int) -> float:
+    """max |packed - alone| / max |alone| of the hidden rows of a conversation packed after another."""
+    a, b = torch.randint(0, vocab, (300,)), torch.randint(0, vocab, (500,))
+    packed = cap.forward([a, b])
+    alone = cap.forward([b])
+    diff = (packed.hidden_TW[300:].float() - alone.hidden_TW.float()).abs().max()
+    same = (packed.target_T[300:] == alone.target_T).float().mean().item()
+    return float(diff / alone.hidden_TW.float().abs().max()), same
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
+    ap.add_argument("--tokens", type=int, default=131072, help="tokens per length (at least one conversation)")
+    ap.add_argument("--batch-tokens", type=int, nargs="+", default=[16384], help="packed row sizes to try")
+    ap.add_argument("--rows-per-shard", type=int, default=16)
+    ap.add_argument("--tmp", default=tempfile.gettempdir(), help="local-disk folder for the shards")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    device = "cpu" if args.tiny else "cuda"
+    model, cfg = build_model(TINY if args.tiny else LLAMA_8B, device, torch.float32 if args.tiny else torch.bfloat16)
+    layer_ids = default_layer_ids(cfg.num_hidden_layers)
+    cap = HiddenCapture(model, layer_ids, lm_head_chunk=4096)
+    width = len(layer_ids) * cfg.hidden_size
+    peak = None if args.tiny else matmul_tflops(device)
+    err, same = packed_check(cap, cfg.vocab_size)
+    results = {"device": torch.cuda.get_device_name() if not args.tiny else "cpu", "torch": torch.__version__,
+               "matmul_tflops": peak, "packed_vs_alone_rel_err": err, "packed_vs_alone_argmax_agree": same,
+               "layer_ids": layer_ids, "rows": []}
+    print(f"device {results['device']}  bf16 matmul {peak or 0:.0f} TFLOP/s  packed-vs-alone rel err {err:.2e} "
+          f"argmax agree {same:.4f}", flush=True)
+    for length in args.lengths:
+        n = max(1, args.tokens // length)
+        rows = make_rows(n, length, cfg.vocab_size, seed=length)
+        for bt_eff in sorted({max(bt, length) for bt in args.batch_tokens}):
+            timed_pass(cap, rows[:1], bt_eff, args.rows_per_shard, width, layer_ids, True, args.tmp)  # warm-up
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                secs, nbytes = timed_pass(cap, rows, bt_eff, args.rows_per_shard, width, layer_ids, True, args.tmp)
+                fwd_secs, _ = timed_pass(cap, rows, bt_eff, args.rows_per_shard, width, layer_ids, False, args.tmp)
+            except torch.OutOfMemoryError as e:
+                results["rows"].append({"length": length, "batch_tokens": bt_eff, "error": f"OOM: {e}"[:200]})
+                print(f"{length:>7} {bt_eff:>7}  out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            tokens = n * length
+            tps = tokens / secs
+            row = {"length": length, "batch_tokens": bt_eff, "conversations": n, "tokens": tokens,
+                   "seconds": secs, "tokens_per_s": tps, "fwd_tokens_per_s": tokens / fwd_secs,
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
+                   "bytes_per_token": nbytes / tokens, "expected_bytes_per_token": width * 2 + 9,
+                   "mfu": tps * flops_per_token(cfg, model, length) / (peak * 1e12) if peak else None}
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| tokens/conv | packed row | tokens/s (with writes) | fwd-only tokens/s | peak GiB | MFU | bytes/token |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"| {r['length']:,} | {r['batch_tokens']:,} | {r['error'][:40]} | | | | |")
+            continue
+        print(f"| {r['length']:,} | {r['batch_tokens']:,} | {r['tokens_per_s']:,.0f} | {r['fwd_tokens_per_s']:,.0f} | "
+              f"{r['peak_gib'] or 0:.1f} | {r['mfu'] or 0:.2f} | {r['bytes_per_token']:,.0f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

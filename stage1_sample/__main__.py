@@ -1,0 +1,106 @@
+"""Stage 1 entry point: ``python -m stage1_sample [hydra overrides]`` (``make sample ARGS="..."``).
+
+Composes ``conf/sample.yaml``, saves the resolved config beside the output, starts vLLM unless
+``sample.server.urls`` points at running servers, regenerates, and prints the accounting line.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from .client import ChatClient, api_key_from_env
+from .config import SampleConfig, TargetInfo
+from .formats import load_conversations
+from .regenerate import run_loop
+from .server import VLLMServer, free_port, install_signal_handlers, vllm_command
+from .writer import ShardWriter, atomic_write_bytes
+
+log = logging.getLogger("stage1_sample")
+# settings that change the answers: a resumed run must use the same ones
+RESUME_KEYS = [("target", "name"), ("target", "path"), ("sample", "input"), ("sample", "format"),
+               ("sample", "temperature"), ("sample", "top_p"), ("sample", "max_tokens"), ("sample", "seed"),
+               ("sample", "chat_template_kwargs")]
+
+
+def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume a run whose stored config differs in a setting that changes the answers."""
+    old_file = out_dir / "config.yaml"
+    if not old_file.exists():
+        return
+    old = yaml.safe_load(old_file.read_text()) or {}
+    diffs = [f"{a}.{b}: {old.get(a, {}).get(b)!r} -> {resolved[a].get(b)!r}"
+             for a, b in RESUME_KEYS if old.get(a, {}).get(b) != resolved[a].get(b)]
+    if diffs:
+        raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); "
+                         "use another sample.output_dir or the same settings")
+
+
+def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Run stage 1 from a resolved config dict; returns the manifest."""
+    cfg = SampleConfig.from_omegaconf(resolved["sample"])
+    target = TargetInfo.from_mapping(resolved["target"])
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        check_resume(out_dir, resolved)
+    writer = ShardWriter(out_dir, cfg.format, cfg.rows_per_shard, resume=cfg.resume)
+    atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+    sampling = cfg.sampling_params()
+    sampling["chat_template_kwargs"] = {**target.chat_template_kwargs, **cfg.chat_template_kwargs}
+    t0 = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            urls = cfg.server.urls
+            if cfg.server.launch:
+                port = cfg.server.port or free_port()
+                cmd = vllm_command(target.path, target.served_name, port, dtype=target.dtype,
+                                   max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
+                                   extra_args=cfg.server.extra_args)
+                server = VLLMServer(cmd, port=port, env=cfg.server.env, log_file=out_dir / "server.log",
+                                    startup_timeout=cfg.server.startup_timeout)
+                log.info("starting vLLM for %s (log: %s)", target.path, server.log_file)
+                urls = [stack.enter_context(server).url]
+            items = load_conversations(cfg.input, limit=cfg.num_prompts)
+            tally = asyncio.run(_sample(items, urls, target.served_name, cfg, writer, sampling))
+    except BaseException:
+        writer.close()  # leave the partial shard for sample.resume=true
+        raise
+    manifest = writer.finish(
+        {
+            "target": {"name": target.name, "path": target.path, "served_name": target.served_name},
+            "input": cfg.input,
+            "sampling": sampling,
+            "shard_format": cfg.format,
+            "elapsed_s": round(time.monotonic() - t0, 1),
+        },
+        tally.accounting(),
+    )
+    print(tally.line(), flush=True)
+    print(f"wrote {manifest['num_rows']} conversations in {len(manifest['shards'])} shard(s) to {out_dir}", flush=True)
+    return manifest
+
+
+async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, writer: ShardWriter,
+                  sampling: dict[str, Any]) -> Any:
+    async with ChatClient(urls, model, timeout=cfg.request_timeout, max_retries=cfg.max_retries,
+                          api_key=api_key_from_env()) as client:
+        return await run_loop(items, client, writer, sampling, cfg.concurrency, total=cfg.num_prompts)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    install_signal_handlers()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_stage1(resolved)
+
+
+if __name__ == "__main__":
+    main()

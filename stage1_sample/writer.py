@@ -1,0 +1,226 @@
+"""Sharded, crash-safe output of stage 1: ``shard-NNNNN.{jsonl,parquet}`` + ``manifest.json``.
+
+Invariants (they make ``kill -9`` + resume lose and duplicate nothing):
+
+* A finished conversation is one line appended to ``shard-NNNNN.jsonl.partial`` with a single write,
+  then flush + fsync. A line without its ``\\n`` was cut by a crash: resume truncates it away.
+* When a partial shard holds ``rows_per_shard`` rows it is finalised: (jsonl) fsync + rename to
+  ``shard-NNNNN.jsonl``; (parquet) written to ``.tmp``, fsync, rename, then the partial is removed.
+  A partial whose final shard exists is a leftover of a crash between the two steps and is removed.
+* Ids are unique in the input (``formats`` skips repeats), so "id in a shard" = "done".
+* ``skipped.jsonl`` / ``failed.jsonl`` describe the current pass only: resume starts them afresh (bad
+  records are found again by the loader; failed conversations are tried again).
+* ``manifest.json`` (written last, atomically, with ``complete: true``) lists every shard with its rows
+  and sha256 and the accounting ``input = written + skipped + failed``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from .formats import SAMPLE_FORMAT
+
+PARTIAL = ".partial"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file written by this module, after truncating a crash-cut last line."""
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    for line in data[:keep].splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+class AppendLog:
+    """An fsync-per-record JSONL file (``skipped.jsonl`` / ``failed.jsonl``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = 0
+        self._f = open(path, "wb")  # a fresh file per pass (see the module docstring)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.count += 1
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ShardWriter:
+    def __init__(self, out_dir: str | Path, fmt: str = "jsonl", rows_per_shard: int = 1000, resume: bool = True):
+        if fmt not in ("jsonl", "parquet"):
+            raise ValueError(f"unknown shard format {fmt!r} (jsonl | parquet)")
+        self.dir, self.fmt, self.rows_per_shard = Path(out_dir), fmt, rows_per_shard
+        self.dir.mkdir(parents=True, exist_ok=True)
+        existing = self._final_shards() + sorted(self.dir.glob(f"shard-*.jsonl{PARTIAL}"))
+        if existing and not resume:
+            raise ValueError(
+                f"{self.dir} already holds shards; pass sample.resume=true to continue that run "
+                "or choose another sample.output_dir"
+            )
+        (self.dir / "manifest.json").unlink(missing_ok=True)  # the run is incomplete until a new one lands
+        self.done_ids: set[str] = set()
+        self.shard_rows: dict[str, int] = {}  # final shard file name -> rows
+        self._recover()
+        self.skipped = AppendLog(self.dir / "skipped.jsonl")
+        self.failed = AppendLog(self.dir / "failed.jsonl")
+        self._partial: Any = None
+        self._partial_rows = 0
+        self._next_index = 1 + max((self._index(p) for p in self._final_shards()), default=-1)
+
+    # ------------------------------------------------------------------------------ recovery
+
+    @staticmethod
+    def _index(path: Path) -> int:
+        return int(path.name.split(".")[0].split("-")[1])
+
+    def _final_shards(self) -> list[Path]:
+        return sorted([*self.dir.glob("shard-*.jsonl"), *self.dir.glob("shard-*.parquet")], key=self._index)
+
+    def _recover(self) -> None:
+        """Collect done ids from final shards; finalise (or drop stale) partial shards left by a crash."""
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink()
+        for shard in self._final_shards():
+            ids = self._shard_ids(shard)
+            self.shard_rows[shard.name] = len(ids)
+            self.done_ids.update(ids)
+        for partial in sorted(self.dir.glob(f"shard-*.jsonl{PARTIAL}")):
+            index = self._index(partial)
+            if any(self._index(s) == index for s in self._final_shards()):
+                partial.unlink()  # crash between writing the final shard and removing its partial
+                continue
+            rows = list(_complete_lines(partial))
+            if rows:
+                self._finalise(partial, index, rows)
+                self.done_ids.update(r["id"] for r in rows)
+            else:
+                partial.unlink()
+
+    @staticmethod
+    def _shard_ids(shard: Path) -> list[str]:
+        if shard.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+        return [json.loads(line)["id"] for line in shard.read_bytes().splitlines() if line.strip()]
+
+    # ------------------------------------------------------------------------------ writing
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one finished conversation durably; finalise the shard when it is full."""
+        if record["id"] in self.done_ids:
+            raise AssertionError(f"duplicate id {record['id']!r}")  # formats + resume guarantee uniqueness
+        if self._partial is None:
+            self._partial_path = self.dir / f"shard-{self._next_index:05d}.jsonl{PARTIAL}"
+            self._partial = open(self._partial_path, "ab")
+            fsync_dir(self.dir)
+        self._partial.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        self._partial.flush()
+        os.fsync(self._partial.fileno())
+        self.done_ids.add(record["id"])
+        self._partial_rows += 1
+        if self._partial_rows >= self.rows_per_shard:
+            self._close_partial()
+
+    def skip(self, cid: str, reason: str, **extra: Any) -> None:
+        self.skipped.append({"id": cid, "reason": reason, **extra})
+
+    def fail(self, cid: str, error: str) -> None:
+        self.failed.append({"id": cid, "error": error})
+
+    def _close_partial(self) -> None:
+        if self._partial is None:
+            return
+        self._partial.close()
+        self._partial = None
+        rows = list(_complete_lines(self._partial_path))
+        self._finalise(self._partial_path, self._next_index, rows)
+        self._next_index += 1
+        self._partial_rows = 0
+
+    def _finalise(self, partial: Path, index: int, rows: list[dict[str, Any]]) -> None:
+        final = self.dir / f"shard-{index:05d}.{self.fmt}"
+        if self.fmt == "jsonl":
+            with open(partial, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, final)
+            fsync_dir(self.dir)
+        else:
+            from .parquet import rows_to_parquet_bytes
+
+            atomic_write_bytes(final, rows_to_parquet_bytes(rows))
+            partial.unlink()
+            fsync_dir(self.dir)
+        self.shard_rows[final.name] = len(rows)
+
+    def finish(self, manifest_fields: dict[str, Any], accounting: dict[str, int]) -> dict[str, Any]:
+        """Finalise the last shard and write ``manifest.json`` (``complete: true``) atomically."""
+        self._close_partial()
+        self.skipped.close()
+        self.failed.close()
+        if accounting["input"] != accounting["written"] + accounting["skipped"] + accounting["failed"]:
+            raise AssertionError(f"accounting does not add up: {accounting}")
+        shards = [
+            {"file": name, "rows": rows, "sha256": sha256_file(self.dir / name)}
+            for name, rows in sorted(self.shard_rows.items(), key=lambda kv: self._index(Path(kv[0])))
+        ]
+        manifest = {
+            "format": SAMPLE_FORMAT,
+            **manifest_fields,
+            "shards": shards,
+            "num_rows": sum(s["rows"] for s in shards),
+            "accounting": accounting,
+            "complete": True,
+        }
+        atomic_write_json(self.dir / "manifest.json", manifest)
+        return manifest
+
+    def close(self) -> None:
+        """Release files without finalising (an interrupted run; resume picks the partial shard up)."""
+        if self._partial is not None:
+            self._partial.close()
+            self._partial = None
+        self.skipped.close()
+        self.failed.close()

@@ -1,0 +1,66 @@
+"""Stage-2 settings (the ``hidden:`` group of conf/hidden.yaml plus the target preset), checked early.
+
+Plain dataclasses, no Hydra import, so the GPU benchmark and tests can use them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class TargetConfig:
+    name: str = "smollm2-135m"
+    path: str = "data/models/SmolLM2-135M-Instruct"
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    context_length: int | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HiddenConfig:
+    input: str = "data/sample/smollm2-135m"
+    output: str = "data/hidden/smollm2-135m"
+    layer_ids: list[int] | None = None
+    max_length: int | None = None
+    on_too_long: str = "truncate"
+    batch_tokens: int = 8192
+    rows_per_shard: int | None = 256
+    shard_bytes: int | None = None
+    draft_vocab_size: int = 32000
+    dtype: str | None = None
+    device: str = "auto"
+    device_map: str | None = None
+    lm_head_chunk: int = 4096
+    limit: int | None = None
+    writer_queue: int = 2
+
+    def __post_init__(self):
+        if self.on_too_long not in ("truncate", "skip"):
+            raise ValueError(f"hidden.on_too_long must be truncate or skip, got {self.on_too_long!r}")
+        for name in ("batch_tokens", "lm_head_chunk", "draft_vocab_size", "writer_queue"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"hidden.{name} must be >= 1")
+        if self.rows_per_shard is None and self.shard_bytes is None:
+            raise ValueError("set hidden.rows_per_shard or hidden.shard_bytes (or both)")
+        for name in ("rows_per_shard", "shard_bytes", "max_length", "limit"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"hidden.{name} must be >= 1 or null")
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"hidden.dtype must be bfloat16, float16, float32 or null, got {self.dtype!r}")
+
+
+def _build(cls, data: dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**data)
+
+
+def from_dict(cfg: dict[str, Any]) -> tuple[TargetConfig, HiddenConfig]:
+    """(target, hidden) from the resolved top-level config dict; target preset keys stage 2 ignores are dropped."""
+    target = {k: v for k, v in dict(cfg.get("target") or {}).items() if k in {f.name for f in fields(TargetConfig)}}
+    return _build(TargetConfig, target), _build(HiddenConfig, dict(cfg.get("hidden") or {}))

@@ -1,0 +1,239 @@
+"""Arrow IPC shards of hidden states: schema, atomic shard writer, manifest.
+
+One record batch per row (conversation), so rows stream to disk as they are computed and a reader
+memory-maps any row without touching the others. Columns (no compression, so bytes on disk per token
+are ``num_aux * H * 2`` hidden + 4 input id + 4 target id + 1 mask = ``3 * H * 2 + 9`` for 3 layers):
+
+    id          string
+    input_ids   list<int32>   [T]
+    loss_mask   list<uint8>   [T]
+    target_ids  list<int32>   [T]   argmax of the target's logits at t (its prediction of token t+1)
+    hidden      large_binary  T * W * 2 bytes: bf16 [T, W], W = num_aux * H, layers in layer_ids order
+
+Schema metadata: ``eagle3.format``, ``eagle3.hidden_dtype``, ``eagle3.hidden_width``, ``eagle3.layer_ids``.
+
+A shard is written to ``.tmp-<name>`` in the same folder, hashed while written, fsynced and renamed to
+``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go to ``.parts/<name>.json``. A
+file under the final name is therefore always complete; a restarted run skips it and rewrites the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = "eagle3-hidden/1"
+PARTS = ".parts"
+MANIFEST = "manifest.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def make_schema(width: int, layer_ids: list[int], dtype: str = "bfloat16") -> pa.Schema:
+    fields = [pa.field("id", pa.string()), pa.field("input_ids", pa.list_(pa.int32())),
+              pa.field("loss_mask", pa.list_(pa.uint8())), pa.field("target_ids", pa.list_(pa.int32())),
+              pa.field("hidden", pa.large_binary())]
+    meta = {"eagle3.format": FORMAT_VERSION, "eagle3.hidden_dtype": dtype,
+            "eagle3.hidden_width": str(width), "eagle3.layer_ids": json.dumps(list(layer_ids))}
+    return pa.schema(fields, metadata=meta)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """temp + fsync + rename (+ fsync of the folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _HashingFile(io.RawIOBase):
+    """Write-only file that feeds every byte to sha256 on its way to disk."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self._f.write(b)
+
+    def finish(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def _list_array(values: np.ndarray, pa_type) -> pa.Array:
+    """One-row list<...> array over ``values`` without copying them."""
+    offsets = pa.array(np.array([0, len(values)], dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa_type))
+
+
+def _np(x, dtype) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+
+
+def hidden_bytes(hidden) -> np.ndarray:
+    """bf16 hidden [T, W] (torch) or its raw uint16/bytes view (numpy) -> flat uint8 view, no copy."""
+    if hasattr(hidden, "detach"):
+        import torch
+        if hidden.dtype != torch.bfloat16:
+            raise ValueError(f"hidden must be bfloat16, got {hidden.dtype}")
+        hidden = hidden.detach().contiguous().cpu().view(torch.int16).numpy()
+    return np.ascontiguousarray(hidden).reshape(-1).view(np.uint8)
+
+
+class ShardWriter:
+    """Writes one shard atomically; ``close()`` returns its manifest entry."""
+
+    def __init__(self, out_dir: Path, index: int, schema: pa.Schema):
+        self.out_dir, self.name, self.schema = Path(out_dir), shard_name(index), schema
+        self.width = int(schema.metadata[b"eagle3.hidden_width"])
+        self.tmp = self.out_dir / f".tmp-{self.name}"
+        self._file = _HashingFile(self.tmp)
+        self._writer = pa.ipc.new_file(pa.PythonFile(self._file, mode="w"), schema)
+        self.rows = self.tokens = self.loss_tokens = 0
+
+    def write_row(self, row_id: str, input_ids, loss_mask, target_ids, hidden) -> None:
+        ids, mask, tgt = _np(input_ids, np.int32), _np(loss_mask, np.uint8), _np(target_ids, np.int32)
+        raw = hidden_bytes(hidden)
+        T = len(ids)
+        if not (len(mask) == len(tgt) == T and raw.nbytes == T * self.width * 2):
+            raise ValueError(f"row {row_id}: lengths disagree (ids {T}, mask {len(mask)}, targets {len(tgt)}, "
+                             f"hidden {raw.nbytes} bytes, expected {T * self.width * 2})")
+        hidden_arr = pa.Array.from_buffers(pa.large_binary(), 1, [
+            None, pa.py_buffer(np.array([0, raw.nbytes], dtype=np.int64)), pa.py_buffer(raw)])
+        batch = pa.RecordBatch.from_arrays(
+            [pa.array([row_id], pa.string()), _list_array(ids, pa.int32()), _list_array(mask, pa.uint8()),
+             _list_array(tgt, pa.int32()), hidden_arr], schema=self.schema)
+        self._writer.write_batch(batch)
+        self.rows += 1
+        self.tokens += T
+        self.loss_tokens += int(mask.sum())
+
+    def close(self) -> dict[str, Any]:
+        self._writer.close()
+        self._file.finish()
+        final = self.out_dir / self.name
+        os.replace(self.tmp, final)
+        _fsync_dir(self.out_dir)
+        info = {"file": self.name, "rows": self.rows, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
+                "bytes": self._file.size, "sha256": self._file.sha.hexdigest()}
+        parts = self.out_dir / PARTS
+        parts.mkdir(exist_ok=True)
+        atomic_write_text(parts / f"{self.name}.json", json.dumps(info))
+        return info
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._file.finish()
+        self.tmp.unlink(missing_ok=True)
+
+
+def shard_info(out_dir: Path, index: int) -> dict[str, Any] | None:
+    """Manifest entry of a complete shard (from its part file, or recomputed from the file), else None."""
+    out_dir, name = Path(out_dir), shard_name(index)
+    path = out_dir / name
+    if not path.exists():
+        return None
+    part = out_dir / PARTS / f"{name}.json"
+    if part.exists():
+        return json.loads(part.read_text())
+    # killed between the rename and the part file: recompute (the file itself is complete)
+    from .reader import open_shard
+    reader = open_shard(path)
+    rows = tokens = loss = 0
+    for b in range(reader.num_record_batches):
+        batch = reader.get_batch(b)
+        rows += batch.num_rows
+        tokens += len(batch.column("input_ids").values)
+        loss += int(np.asarray(batch.column("loss_mask").values).sum())
+    info = {"file": name, "rows": rows, "tokens": tokens, "loss_tokens": loss,
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    (out_dir / PARTS).mkdir(exist_ok=True)
+    atomic_write_text(out_dir / PARTS / f"{name}.json", json.dumps(info))
+    return info
+
+
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(out_dir: Path, shards: list[dict], fields: dict[str, Any], elapsed_s: float | None = None) -> dict:
+    """``manifest.json`` with totals; ``created_at`` / ``elapsed_s`` are the only timing fields."""
+    tokens = sum(s["tokens"] for s in shards)
+    nbytes = sum(s["bytes"] for s in shards)
+    manifest = {"format_version": FORMAT_VERSION, **fields,
+                "num_rows": sum(s["rows"] for s in shards), "num_tokens": tokens,
+                "num_loss_tokens": sum(s.get("loss_tokens", 0) for s in shards),
+                "bytes": nbytes, "bytes_per_token": nbytes / max(tokens, 1),
+                "shards": [{k: s[k] for k in ("file", "rows", "tokens", "bytes", "sha256")} for s in shards],
+                "complete": True, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": elapsed_s}
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def write_shards(out_dir, rows: Iterable[dict], manifest_fields: dict[str, Any], rows_per_shard: int = 64,
+                 draft_vocab_size: int | None = None) -> dict:
+    """Write ``rows`` (dicts: id, input_ids, loss_mask, target_ids, hidden bf16 [T, W]) as a complete
+    shard set: shards, ``vocab.safetensors`` and ``manifest.json``. For tests of other stages and tools.
+
+    ``manifest_fields`` must hold ``layer_ids``, ``hidden_size`` and ``vocab_size``; the rest
+    (target, dtype, max_length, ...) is copied into the manifest as given."""
+    from .vocab import build_and_save_vocab
+
+    for key in ("layer_ids", "hidden_size", "vocab_size"):
+        if key not in manifest_fields:
+            raise ValueError(f"manifest_fields needs {key!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layer_ids = list(manifest_fields["layer_ids"])
+    schema = make_schema(len(layer_ids) * int(manifest_fields["hidden_size"]), layer_ids)
+    infos, writer = [], None
+    for i, row in enumerate(rows):
+        if writer is None:
+            writer = ShardWriter(out_dir, len(infos), schema)
+        writer.write_row(str(row["id"]), row["input_ids"], row["loss_mask"], row["target_ids"], row["hidden"])
+        if writer.rows == rows_per_shard:
+            infos.append(writer.close())
+            writer = None
+    if writer is not None:
+        infos.append(writer.close())
+    fields = {"num_aux_layers": len(layer_ids), "dtype": "bfloat16", **manifest_fields}
+    vocab_size = int(fields["vocab_size"])
+    dvs = min(int(draft_vocab_size or fields.get("draft_vocab_size") or vocab_size), vocab_size)
+    fields["draft_vocab_size"] = dvs
+    fields["coverage"] = build_and_save_vocab(out_dir, [i["file"] for i in infos], vocab_size, dvs)
+    return write_manifest(out_dir, infos, fields)

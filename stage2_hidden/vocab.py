@@ -1,0 +1,73 @@
+"""Draft vocabulary: the ``draft_vocab_size`` target tokens the draft predicts.
+
+Counts are of ``target_ids`` under ``loss_mask`` (the tokens the draft must learn to propose). The
+top ``Vd`` tokens by count (ties: smaller id first) sorted by id give ``tok[i]``; then
+
+    d2t[i] = tok[i] - i          (int64 [Vd]; target id = i + d2t[i], the EAGLE-3 export format)
+    t2d[v] = v in tok            (bool [V])
+
+and ``coverage`` = share of masked targets whose token is in the draft vocab.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+VOCAB_FILE = "vocab.safetensors"
+
+
+def count_targets(shard_paths, vocab_size: int) -> np.ndarray:
+    """int64 [V] counts of target ids under the loss mask, over all rows of the shards."""
+    from .reader import open_shard
+
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for path in shard_paths:
+        reader = open_shard(path)
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            tgt = np.asarray(batch.column("target_ids").values)
+            mask = np.asarray(batch.column("loss_mask").values).astype(bool)
+            counts += np.bincount(tgt[mask], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def build_vocab(counts: np.ndarray, draft_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(d2t int64 [Vd], t2d bool [V], coverage) from target-token counts."""
+    V = len(counts)
+    if not 0 < draft_vocab_size <= V:
+        raise ValueError(f"draft_vocab_size {draft_vocab_size} must be in [1, {V}]")
+    order = np.argsort(-counts, kind="stable")          # most frequent first, ties by id
+    tok = np.sort(order[:draft_vocab_size])             # [Vd] target ids, ascending
+    d2t = torch.from_numpy(tok - np.arange(draft_vocab_size)).to(torch.int64)
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[torch.from_numpy(tok)] = True
+    total = counts.sum()
+    coverage = float(counts[tok].sum() / total) if total else 0.0
+    return d2t, t2d, coverage
+
+
+def save_vocab(out_dir, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+    out = Path(out_dir) / VOCAB_FILE
+    tmp = out.with_name(f".tmp-{out.name}")
+    save_file({"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}, str(tmp))
+    tmp.replace(out)
+
+
+def load_vocab(out_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d2t LongTensor [Vd], t2d BoolTensor [V]) saved next to the shards."""
+    path = Path(out_dir) / VOCAB_FILE
+    if not path.exists():
+        raise ValueError(f"{path}: no draft vocabulary (run stage 2 to completion)")
+    tensors = load_file(str(path))
+    return tensors["d2t"], tensors["t2d"]
+
+
+def build_and_save_vocab(out_dir, shard_files, vocab_size: int, draft_vocab_size: int) -> float:
+    """Count, build and save; returns the coverage."""
+    counts = count_targets([Path(out_dir) / f for f in shard_files], vocab_size)
+    d2t, t2d, coverage = build_vocab(counts, draft_vocab_size)
+    save_vocab(out_dir, d2t, t2d)
+    return coverage

@@ -1,0 +1,99 @@
+"""Run configuration of stage 3 (`make train`): one dataclass, a comment per field, checks in __post_init__.
+
+The YAML (`conf/train.yaml`) is the user-facing source; `TrainConfig.from_dict` turns its `train:` section into
+this schema and refuses unknown keys, so a typo on the command line is a ValueError, not a silently ignored knob.
+No hydra import here: the GPU stack has no hydra, and benchmarks/tests build TrainConfig directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None  # W&B project; None (default) = no W&B (also skipped when wandb is not importable)
+    name: str | None = None     # run name; None = the run folder's name
+    entity: str | None = None   # W&B entity (team); None = the user's default
+
+
+@dataclass
+class TrainConfig:
+    # ---- where ----
+    data: str = "data/hidden/smollm2-135m"   # stage-2 shard folder (manifest.json + shard-*.arrow + vocab.safetensors)
+    out: str = "data/train/smollm2-135m"     # run folder: checkpoints, metrics.jsonl, tb/, curves.png, export/
+    preset: str | None = None                # named preset of conf/preset/<name>.yaml, applied under CLI overrides
+    init_from: str | None = None             # a published EAGLE-3 export folder to fine-tune (None = random init)
+    # ---- data ----
+    seed: int = 0                  # model init + data order; same seed => same run, for any world size
+    max_tokens: int = 2048         # tokens per packed row; conversations longer than this are truncated
+    batch_rows: int = 1            # packed rows per micro-batch per rank
+    grad_accum: int = 1            # micro-batches per optimizer step; global batch = world * batch_rows * grad_accum
+    pad_multiple: int = 64         # pad each micro-batch's length up to a multiple of this (fewer distinct shapes)
+    val_fraction: float = 0.02     # share of conversations held out for validation (by a hash of their id)
+    val_max_rows: int = 64         # at most this many validation rows per evaluation (0 = all)
+    verify_shards: bool = False    # sha256 every shard before training (slow on TBs of shards)
+    layer_ids: list[int] | None = None  # aux layer ids the shards must have (vLLM ids); None = (2, N//2, N-3)
+    # ---- model / TTT ----
+    ttt_steps: int = 7             # unrolled training-time-test steps k
+    step_decay: float = 0.8        # loss weight of TTT step i is step_decay**i (normalised by the global valid count)
+    activation_checkpointing: bool = True  # recompute each TTT step in backward (memory linear in T, ~+30% FLOPs)
+    param_dtype: str = "bfloat16"  # FSDP2 compute dtype of params (bfloat16 | float32); master copy stays fp32
+    draft_overrides: dict[str, Any] = field(default_factory=dict)  # DraftConfig fields to override (e.g. intermediate_size)
+    # ---- optimisation ----
+    steps: int = 1000              # optimizer steps
+    lr: float = 1e-4               # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 50         # linear warm-up from ~0 to lr
+    weight_decay: float = 0.0      # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 0.5         # max global grad norm (0 = off)
+    # ---- bookkeeping ----
+    log_every: int = 10            # steps between log lines (rank 0, JSONL, TensorBoard, W&B)
+    eval_every: int = 200          # steps between validation passes (0 = only at the end)
+    ckpt_every: int = 500          # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = 2            # keep the latest k complete checkpoints
+    resume: bool = False           # continue from the latest complete checkpoint in `out`
+    export: bool = True            # write the vLLM/SGLang folder to `out/export` at the end
+    peak_tflops: float | None = None  # per-device peak for MFU; None = look up the device (H100/H200/A100) or skip
+    device: str | None = None      # cuda | cpu; None = cuda when available
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wandb, dict):
+            self.wandb = WandbConfig(**self.wandb)
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        positive = ("max_tokens", "batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "steps", "log_every",
+                    "keep_ckpts")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "val_max_rows"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.lr must be > 0 and train.min_lr_ratio in [0, 1], got {self.lr}, "
+                             f"{self.min_lr_ratio}")
+        if self.param_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"train.param_dtype must be bfloat16 or float32, got {self.param_dtype!r}")
+        if self.device not in (None, "cuda", "cpu"):
+            raise ValueError(f"train.device must be cuda, cpu or null, got {self.device!r}")
+        if not 0.0 < self.step_decay <= 1.0:
+            raise ValueError(f"train.step_decay must be in (0, 1], got {self.step_decay}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from the resolved `train:` section; unknown keys are a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown train.* settings: {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d

@@ -1,0 +1,258 @@
+"""Packed, deterministic, rank-strided, resumable batches over stage 2's shards.
+
+Packing: conversations (shard rows) are taken in a seeded per-epoch shuffle and placed first-fit into rows of
+`max_tokens` tokens (a small window of open rows, so the result depends only on the order); a conversation longer
+than `max_tokens` is truncated to its first `max_tokens` tokens and fills a row alone. Inside a packed row
+`position_ids` restart at 0 for every conversation and `doc_ids` number the conversations (0, 1, ...; -1 = padding),
+which is what the TTT attention uses to keep attention inside a conversation.
+
+Order: the packed rows of epoch e are a pure function of (seed, e, the row lengths, max_tokens). Micro-batch m of
+rank r (world W, B rows per micro-batch) holds global rows (m*B + b)*W + r for b < B, i.e. rank r takes rows
+r, r+W, r+2W, ... So one process with grad_accum=2 sees exactly the rows two processes with grad_accum=1 see, and
+the global batch of a step does not depend on W. The tail of an epoch that does not fill every rank is dropped.
+The state (version, world size, epoch, micro-step) goes into the checkpoint; resuming continues at the next
+micro-batch, identically.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+STATE_VERSION = 1
+OPEN_ROWS = 8  # first-fit looks at this many open rows; more gives fuller rows, same determinism
+
+
+class RowSource(Protocol):
+    """What the loader needs from stage 2's ShardDataset (tests may pass any object with these)."""
+
+    def __len__(self) -> int: ...
+    def num_tokens(self, i: int) -> int: ...
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Segment:
+    row: int     # index of the conversation in the source
+    length: int  # tokens taken from it (its length, or max_tokens when truncated)
+
+
+def _unit_hash(text: str) -> float:
+    """A stable hash of `text` mapped to [0, 1) (sha256, not Python's salted hash())."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
+
+
+def split_rows(ids: Sequence[str], val_fraction: float) -> tuple[list[int], list[int]]:
+    """Train / validation indices by a hash of each conversation id: stable when shards are added or reordered.
+
+    A row is held out when hash(id) < val_fraction. With val_fraction > 0 and at least 2 rows, the row with the
+    smallest hash is held out even if none falls under the threshold (tiny data sets still get a validation row).
+    """
+    hashes = [_unit_hash(i) for i in ids]
+    val = [i for i, h in enumerate(hashes) if h < val_fraction]
+    if val_fraction > 0 and not val and len(ids) >= 2:
+        val = [min(range(len(ids)), key=hashes.__getitem__)]
+    if len(val) == len(ids) and ids:
+        raise ValueError(f"train.val_fraction={val_fraction} leaves no training rows out of {len(ids)}")
+    held = set(val)
+    return [i for i in range(len(ids)) if i not in held], val
+
+
+def pack(order: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[Segment]]:
+    """First-fit packing of conversations, in `order`, into rows of at most `max_tokens` tokens.
+
+    Keeps up to OPEN_ROWS partially filled rows; a conversation goes into the first open row with room, else it
+    opens a new row (closing the fullest open row when there are too many). Conversations with < 2 tokens carry
+    no label and are skipped. Rows come out in the order they were opened.
+    """
+    rows: list[list[Segment]] = []
+    open_rows: list[int] = []   # indices into rows
+    used: dict[int, int] = {}   # tokens used per open row
+    for r in order:
+        n = min(int(lengths[r]), max_tokens)
+        if n < 2:
+            continue
+        slot = next((j for j in open_rows if used[j] + n <= max_tokens), None)
+        if slot is None:
+            if len(open_rows) == OPEN_ROWS:
+                fullest = max(open_rows, key=lambda j: (used[j], -j))
+                open_rows.remove(fullest)
+            slot = len(rows)
+            rows.append([])
+            open_rows.append(slot)
+            used[slot] = 0
+        rows[slot].append(Segment(r, n))
+        used[slot] += n
+        if used[slot] == max_tokens:
+            open_rows.remove(slot)
+    return rows
+
+
+def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: int) -> dict[str, Any]:
+    """Materialise packed rows as padded [B, T] tensors (T = longest row rounded up to pad_multiple).
+
+    Returns input_ids/target_ids/position_ids long [B,T], loss_mask bool [B,T], doc_ids long [B,T] (-1 = pad),
+    hidden [B,T,3H] in the shard dtype, and `ids`: the conversation ids of each row (for error messages).
+    An empty row (a rank with nothing left in a validation pass) is all padding.
+    """
+    longest = max([sum(s.length for s in row) for row in rows] + [1])
+    T = -(-longest // pad_multiple) * pad_multiple
+    B = len(rows)
+    out = {k: torch.zeros(B, T, dtype=torch.long) for k in ("input_ids", "target_ids", "position_ids")}
+    out["loss_mask"] = torch.zeros(B, T, dtype=torch.bool)
+    out["doc_ids"] = torch.full((B, T), -1, dtype=torch.long)
+    hidden_BTD = None
+    ids: list[list[str]] = []
+    sq_tokens = 0  # sum of squared conversation lengths: attention FLOPs for MFU
+    for b, row in enumerate(rows):
+        ids.append([])
+        t = 0
+        for d, seg in enumerate(row):
+            item = source[seg.row]
+            n, span = seg.length, slice(t, t + seg.length)
+            out["input_ids"][b, span] = item["input_ids"][:n].long()
+            out["target_ids"][b, span] = item["target_ids"][:n].long()
+            out["loss_mask"][b, span] = item["loss_mask"][:n].bool()
+            out["position_ids"][b, span] = torch.arange(n)
+            out["doc_ids"][b, span] = d
+            h_TD = item["hidden"][:n]
+            if hidden_BTD is None:
+                hidden_BTD = torch.zeros(B, T, h_TD.shape[-1], dtype=h_TD.dtype)
+            hidden_BTD[b, span] = h_TD
+            ids[b].append(str(item["id"]))
+            sq_tokens += n * n
+            t += n
+    if hidden_BTD is None:  # only empty rows: width and dtype from any row of the source
+        h = source[0]["hidden"]
+        hidden_BTD = torch.zeros(B, T, h.shape[-1], dtype=h.dtype)
+    out["hidden"] = hidden_BTD
+    out["ids"], out["sq_tokens"] = ids, sq_tokens
+    return out
+
+
+class PackedLoader:
+    """Endless iterator of this rank's micro-batches over `indices` of `source` (see the module docstring)."""
+
+    def __init__(self, source: RowSource, indices: Sequence[int], *, max_tokens: int, batch_rows: int,
+                 rank: int, world_size: int, seed: int, pad_multiple: int = 64, shuffle: bool = True):
+        self.source, self.indices = source, list(indices)
+        self.max_tokens, self.batch_rows, self.pad_multiple = max_tokens, batch_rows, pad_multiple
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.lengths = {i: source.num_tokens(i) for i in self.indices}
+        self.epoch, self.micro_step = 0, 0
+        self._plan_epoch, self._plan = -1, []
+
+    def plan(self, epoch: int) -> list[list[Segment]]:
+        """The packed rows of `epoch` (all ranks compute the same list)."""
+        if epoch != self._plan_epoch:
+            order = list(self.indices)
+            if self.shuffle:
+                random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            self._plan, self._plan_epoch = pack(order, self.lengths, self.max_tokens), epoch
+        return self._plan
+
+    def steps_per_epoch(self) -> int:
+        """Micro-batches per epoch per rank (the tail that does not fill all ranks is dropped)."""
+        n = len(self.plan(self.epoch)) // (self.world_size * self.batch_rows)
+        if n == 0:
+            raise ValueError(f"{len(self.plan(self.epoch))} packed rows of {self.max_tokens} tokens from "
+                             f"{len(self.indices)} conversations: fewer than world_size*batch_rows = "
+                             f"{self.world_size * self.batch_rows}; add data or lower train.max_tokens/batch_rows")
+        return n
+
+    def rows_of(self, micro_step: int) -> list[list[Segment]]:
+        plan, W, B = self.plan(self.epoch), self.world_size, self.batch_rows
+        return [plan[(micro_step * B + b) * W + self.rank] for b in range(B)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.micro_step >= self.steps_per_epoch():
+            self.epoch, self.micro_step = self.epoch + 1, 0
+        batch = collate(self.source, self.rows_of(self.micro_step), self.pad_multiple)
+        batch["epoch"], batch["micro_step"] = self.epoch, self.micro_step
+        self.micro_step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "world_size": self.world_size, "batch_rows": self.batch_rows,
+                "seed": self.seed, "max_tokens": self.max_tokens, "num_rows": len(self.indices),
+                "epoch": self.epoch, "micro_step": self.micro_step}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue where `sd` stopped. A different world size works when the consumed rows divide evenly."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {sd.get('version')} != {STATE_VERSION}")
+        now = {"seed": self.seed, "max_tokens": self.max_tokens, "num_rows": len(self.indices)}
+        for key, value in now.items():
+            if sd[key] != value:
+                raise ValueError(f"cannot resume the data order: checkpoint has {key}={sd[key]}, now {value}")
+        consumed = sd["micro_step"] * sd["world_size"] * sd["batch_rows"]  # global rows of this epoch
+        per_step = self.world_size * self.batch_rows
+        if consumed % per_step:
+            raise ValueError(f"cannot resume: {consumed} rows consumed in epoch {sd['epoch']} do not split into "
+                             f"micro-batches of world_size*batch_rows = {per_step}")
+        self.epoch, self.micro_step = sd["epoch"], consumed // per_step
+
+
+def eval_batches(source: RowSource, indices: Sequence[int], *, max_tokens: int, batch_rows: int, rank: int,
+                 world_size: int, pad_multiple: int = 64, max_rows: int = 0):
+    """This rank's validation micro-batches: every packed row exactly once (no shuffle, no drop).
+
+    All ranks yield the same number of micro-batches (FSDP needs every rank in every forward); a rank short of
+    rows gets empty (all-padding) rows, which contribute no valid positions.
+    """
+    lengths = {i: source.num_tokens(i) for i in indices}
+    plan = pack(list(indices), lengths, max_tokens)
+    if max_rows:
+        plan = plan[:max_rows]
+    per_step = world_size * batch_rows
+    for m in range(-(-len(plan) // per_step)):
+        rows = [plan[g] if (g := (m * batch_rows + b) * world_size + rank) < len(plan) else []
+                for b in range(batch_rows)]
+        yield collate(source, rows, pad_multiple)
+
+
+def open_shards(path: str, verify: bool = False):
+    """Stage 2's ShardDataset over `path` (memory-mapped; sha256 of every shard when `verify`)."""
+    from stage2_hidden.reader import ShardDataset
+
+    return ShardDataset(path, verify=verify)
+
+
+def check_manifest(manifest: dict[str, Any], target_cfg: dict[str, Any], layer_ids: Sequence[int] | None,
+                   where: str) -> list[int]:
+    """Refuse shards captured from another target or other layers, before any heavy work; returns the layer ids.
+
+    Compared: hidden size, vocab size, the aux layer ids (`layer_ids`; None = the engines' default
+    (2, N//2, N-3)), and that num_aux_layers = len(layer_ids) with every id in [0, N] (id j = HF hidden_states[j]).
+    """
+    tcfg = target_cfg.get("text_config") or target_cfg
+    n_layers = int(tcfg["num_hidden_layers"])
+    want_ids = list(layer_ids) if layer_ids is not None else [2, n_layers // 2, n_layers - 3]
+    got_ids = [int(i) for i in manifest.get("layer_ids", [])]
+    problems = []
+    for key in ("hidden_size", "vocab_size"):
+        if int(manifest.get(key, -1)) != int(tcfg[key]):
+            problems.append(f"{key} {manifest.get(key)} in the shards, {tcfg[key]} in the target")
+    if got_ids != want_ids:
+        problems.append(f"layer_ids {got_ids} in the shards, {want_ids} configured (train.layer_ids)")
+    if int(manifest.get("num_aux_layers", -1)) != len(got_ids):
+        problems.append(f"num_aux_layers {manifest.get('num_aux_layers')} != len(layer_ids) {len(got_ids)}")
+    if any(not 0 <= i <= n_layers for i in got_ids):
+        problems.append(f"layer_ids {got_ids} outside [0, {n_layers}] for a {n_layers}-layer target")
+    if problems:
+        raise ValueError(f"shards {where} do not match the configured target: " + "; ".join(problems))
+    return got_ids
+
+
+def to_packed_batch(raw: dict[str, Any], device: torch.device):
+    """A collated micro-batch -> stage3_train.ttt.PackedBatch on `device` (hidden stays in the shard dtype)."""
+    from stage3_train.ttt import PackedBatch
+
+    keys = ("input_ids", "hidden", "target_ids", "loss_mask", "position_ids", "doc_ids")
+    return PackedBatch(**{k: raw[k].to(device, non_blocking=True) for k in keys})

@@ -1,0 +1,369 @@
+"""The EAGLE-3 draft: one Llama decoder layer over [embedding, hidden], as vLLM and SGLang serve it.
+
+Maths of one draft step (vLLM `llama_eagle3.py`, SGLang `llama_eagle3.py`, SpecForge; `norm_before_residual=False`):
+
+    g_t      = fc(target_aux_hidden_t)            step 0 only: 3 target layers (3*H_t) -> H
+    residual = g_t                                (the pre-norm hidden input of the step)
+    x_t      = cat[input_layernorm(embed(tok)), hidden_norm(g_t)]          2H: embedding FIRST, then hidden
+    a_t      = o_proj(attn(q_proj(x), k_proj(x), v_proj(x)))               RoPE on q/k at the step's positions
+    r_t      = a_t + residual
+    h_t      = mlp(post_attention_layernorm(r_t)) + r_t                     -> the next step's hidden input
+    logits_t = lm_head(norm(h_t))                                           over the draft vocabulary
+
+So the hidden that feeds the next TTT step (and the next draft position when served) is the pre-norm residual
+stream `h_t`, and the logits use `norm(h_t)`: vLLM's `LlamaModel.forward` returns `(norm(h), h)` and its proposer feeds
+the second one back. A draft id d is target id `d + d2t[d]`; `t2d[v]` says whether target id v is in the draft vocab.
+
+The step works on flat token tensors [N = B*T, ...]; packed conversations are kept apart by `Segments` (attention
+never crosses a border). No I/O except `load_target_embeddings`, no parallelism.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from stage3_train.attention import Segments, ttt_attention
+from stage3_train.loss import linear_cross_entropy
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int                    # H: draft width = target width (the engines share the target's embeddings)
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int              # SwiGLU width (the target's)
+    vocab_size: int                     # target vocabulary V (embeddings, t2d)
+    draft_vocab_size: int               # Vd: lm_head rows, d2t
+    target_hidden_size: int             # H_t: width of each captured target layer (fc input = num_aux_layers * H_t)
+    num_aux_layers: int = 3             # target layers concatenated into the fc input
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    hidden_act: str = "silu"
+    norm_before_residual: bool = False  # vLLM option: residual = hidden_norm(g) instead of g (some published drafts)
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                     "vocab_size", "draft_vocab_size", "target_hidden_size", "num_aux_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"DraftConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.draft_vocab_size > self.vocab_size:
+            raise ValueError(f"draft_vocab_size={self.draft_vocab_size} > target vocab_size={self.vocab_size}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"only SwiGLU (hidden_act='silu') drafts are supported, got {self.hidden_act!r}")
+        if "rope_type" not in self.rope_parameters or "rope_theta" not in self.rope_parameters:
+            raise ValueError(f"rope_parameters needs rope_type and rope_theta, got {self.rope_parameters}")
+
+    @classmethod
+    def from_target_config(cls, hf_cfg: dict[str, Any], draft_vocab_size: int | None = None,
+                           **overrides: Any) -> "DraftConfig":
+        """The draft's shape from the target's HF `config.json` dict (transformers 4 or 5 rope conventions).
+
+        `draft_vocab_size` None = the target vocabulary. `overrides` replace any field (e.g. intermediate_size).
+        Multimodal configs with a `text_config` use that.
+        """
+        cfg = dict(hf_cfg.get("text_config") or hf_cfg)
+        missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+                   if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"target config lacks {missing}; is this a decoder LLM config.json?")
+        heads = int(cfg["num_attention_heads"])
+        vocab = int(cfg["vocab_size"])
+        kw: dict[str, Any] = dict(
+            hidden_size=int(cfg["hidden_size"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            intermediate_size=int(cfg["intermediate_size"]),
+            vocab_size=vocab,
+            draft_vocab_size=int(draft_vocab_size or vocab),
+            target_hidden_size=int(cfg["hidden_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+            rope_parameters=rope_parameters_of(cfg),
+        )
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"unknown DraftConfig override(s) {bad}; known: {sorted(known)}")
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def rope_parameters_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers-5 `rope_parameters` from a config dict: v5 field as is, else v4 `rope_theta` + `rope_scaling`."""
+    if isinstance(cfg.get("rope_parameters"), dict) and "rope_theta" in cfg["rope_parameters"]:
+        params = dict(cfg["rope_parameters"])
+        params.setdefault("rope_type", params.pop("type", "default"))
+        return params
+    params = dict(cfg.get("rope_scaling") or {})
+    params["rope_type"] = params.pop("type", None) or params.get("rope_type") or "default"
+    params["rope_theta"] = float(cfg.get("rope_theta", 10000.0))
+    return params
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm, computed in fp32 and cast back before the weight (HF and vLLM `forward_native` order)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE cos/sin from transformers' Llama rotary embedding (all rope types: default, llama3, yarn, ...)."""
+
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                         rope_parameters=dict(cfg.rope_parameters))
+        self._hf = [LlamaRotaryEmbedding(hf)]  # a list: not a submodule, so no state-dict key, never on meta
+
+    def forward(self, x: torch.Tensor, position_ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = self._hf[0]
+        if rope.inv_freq.device != x.device:
+            rope.to(x.device)
+        cos_1ND, sin_1ND = rope(x, position_ids_N[None])
+        return cos_1ND[0], sin_1ND[0]
+
+
+def apply_rope(x_NhD: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (HF/vLLM neox-style halves)."""
+    x1, x2 = x_NhD.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x_NhD * cos_ND[:, None] + rotated * sin_ND[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(2 * cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x_N2H: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor, segments: Segments,
+                cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (o_proj output [N, H], this step's post-RoPE k and v [N, Hkv, D]).
+
+        `cache` = (keys, values) of the earlier TTT steps: entry 0 is step 0's (the causal block), entries 1.. are the
+        diagonal keys of steps 1..i-1. Empty at step 0 (then the step attends causally to its own keys).
+        """
+        N = x_N2H.shape[0]
+        q_NhD = apply_rope(self.q_proj(x_N2H).view(N, self.num_heads, self.head_dim), cos_ND, sin_ND)
+        k_NkD = apply_rope(self.k_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim), cos_ND, sin_ND)
+        v_NkD = self.v_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim)
+        keys, values = (*cache[0], k_NkD), (*cache[1], v_NkD)
+        o_NhD = ttt_attention(q_NhD, keys, values, segments)
+        return self.o_proj(o_NhD.reshape(N, -1)), k_NkD, v_NkD
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """The `midlayer`: a Llama decoder layer whose attention reads 2H = [input_layernorm(embed), hidden_norm(g)]."""
+
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        self.norm_before_residual = cfg.norm_before_residual
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, hidden_NH, embeds_NH, cos_ND, sin_ND, segments, cache):
+        normed_NH = self.hidden_norm(hidden_NH)
+        residual_NH = normed_NH if self.norm_before_residual else hidden_NH
+        x_N2H = torch.cat([self.input_layernorm(embeds_NH), normed_NH], dim=-1)  # embeddings first (vLLM, SGLang)
+        attn_NH, k_NkD, v_NkD = self.self_attn(x_N2H, cos_ND, sin_ND, segments, cache)
+        residual_NH = attn_NH + residual_NH
+        out_NH = self.mlp(self.post_attention_layernorm(residual_NH)) + residual_NH
+        return out_NH, k_NkD, v_NkD
+
+
+class DraftStep(NamedTuple):
+    hidden: torch.Tensor           # [N, H] pre-norm output: the next TTT step's hidden input
+    k: torch.Tensor                # [N, Hkv, D] this step's keys (post-RoPE), for later steps' diagonal terms
+    v: torch.Tensor                # [N, Hkv, D]
+    normed: torch.Tensor | None    # [N, H] norm(hidden), lm_head input; None when labels were given
+    ce_sum: torch.Tensor | None    # scalar fp32: sum of CE over labels >= 0 (differentiable); None without labels
+    correct: torch.Tensor | None   # scalar int64: argmax == label count (detached)
+
+
+class Eagle3Draft(nn.Module):
+    """EAGLE-3 draft; parameter names are the export's safetensors keys (plus the frozen `embed_tokens`)."""
+
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)  # frozen: the engines share the target's embeddings
+        self.fc = nn.Linear(cfg.num_aux_layers * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.midlayer = DecoderLayer(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+        # identity vocabulary until set_vocab: draft id d = target id d
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.arange(cfg.vocab_size) < cfg.draft_vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) linears and embedding, ones for norms (HF Llama init)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, self.config.initializer_range)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    @torch.no_grad()
+    def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        """Install stage 2's draft vocabulary (d2t int64 [Vd], t2d bool [V]) after checking it is consistent."""
+        if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
+            raise ValueError(f"vocab shapes d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not match the draft "
+                             f"(draft_vocab_size={self.config.draft_vocab_size}, vocab_size={self.config.vocab_size})")
+        target_ids = torch.arange(d2t.numel()) + d2t.cpu()
+        if target_ids.min() < 0 or target_ids.max() >= t2d.numel() or not bool(t2d.cpu()[target_ids].all()):
+            raise ValueError("d2t maps draft ids outside t2d: the vocab file is inconsistent")
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d.bool())
+
+    def target_to_draft(self) -> torch.Tensor:
+        """[V] int64: draft id of each target id, -1 where the target id is not in the draft vocabulary."""
+        index = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
+        draft_ids = torch.arange(self.d2t.numel(), device=self.d2t.device)
+        return index.index_copy_(0, draft_ids + self.d2t, draft_ids)
+
+    def _layer(self, hidden_NH, input_ids_N, position_ids_N, segments, cache):
+        embeds_NH = self.embed_tokens(input_ids_N).to(hidden_NH.dtype)
+        cos_ND, sin_ND = self.rotary(hidden_NH, position_ids_N)
+        out_NH, k_NkD, v_NkD = self.midlayer(hidden_NH, embeds_NH, cos_ND, sin_ND, segments, cache)
+        return out_NH, self.norm(out_NH), k_NkD, v_NkD
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: Segments,
+                cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ()),
+                labels: torch.Tensor | None = None, *, project: bool = False, checkpoint: bool = False,
+                loss_chunk: int | None = None) -> DraftStep:
+        """One draft (TTT) step over N flat tokens.
+
+        hidden: [N, num_aux*H_t] target features when `project` (step 0, goes through fc), else [N, H] (the previous
+        step's `DraftStep.hidden`); input_ids [N] the tokens to embed; position_ids [N] RoPE positions; cache: the
+        earlier steps' (keys, values), see `Attention.forward`. labels [N] draft ids (-100 = ignored): the step also
+        returns the summed CE through the fused lm_head + cross-entropy (no [N, Vd] logits kept). checkpoint: recompute
+        the decoder layer in backward (only its inputs are kept).
+        """
+        if project:
+            hidden = self.fc(hidden.to(self.fc.weight.dtype))
+        cache = (tuple(cache[0]), tuple(cache[1]))  # snapshot: checkpoint recomputes with these exact inputs
+        if checkpoint and torch.is_grad_enabled():
+            out_NH, normed_NH, k, v = activation_checkpoint(self._layer, hidden, input_ids, position_ids, segments,
+                                                            cache, use_reentrant=False)
+        else:
+            out_NH, normed_NH, k, v = self._layer(hidden, input_ids, position_ids, segments, cache)
+        if labels is None:
+            return DraftStep(out_NH, k, v, normed_NH, None, None)
+        ce_sum, correct = linear_cross_entropy(normed_NH, self.lm_head.weight, labels, chunk_size=loss_chunk)
+        return DraftStep(out_NH, k, v, None, ce_sum, correct)
+
+    def compute_logits(self, normed_NH: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits [N, Vd] (evaluation only: training never materialises them)."""
+        return self.lm_head(normed_NH)
+
+
+def _safetensors_file_for(target_dir: Path, keys: tuple[str, ...]) -> tuple[Path, str] | None:
+    index = target_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for key in keys:
+            if key in weight_map:
+                return target_dir / weight_map[key], key
+        for name, file in weight_map.items():  # e.g. model.language_model.embed_tokens.weight
+            if name.endswith(keys[0].split("model.", 1)[-1]) and "vision" not in name:
+                return target_dir / file, name
+        return None
+    from safetensors import safe_open
+
+    for file in sorted(target_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names = list(f.keys())
+        for key in keys:
+            if key in names:
+                return file, key
+        for name in names:
+            if name.endswith(keys[0].split("model.", 1)[-1]) and "vision" not in name:
+                return file, name
+    return None
+
+
+@torch.no_grad()
+def load_target_embeddings(model: Eagle3Draft, target_dir: str | Path) -> None:
+    """Copy the target's input embedding into `model.embed_tokens` reading ONLY that tensor (safe_open, lazily).
+
+    Looks for `model.embed_tokens.weight` (via the index json of sharded checkpoints); falls back to `lm_head.weight`
+    only when the target ties its embeddings and stores just the head.
+    """
+    from safetensors import safe_open
+
+    target_dir = Path(target_dir)
+    if not target_dir.is_dir():
+        raise ValueError(f"target folder {target_dir} does not exist")
+    found = _safetensors_file_for(target_dir, ("model.embed_tokens.weight",))
+    if found is None:
+        cfg_file = target_dir / "config.json"
+        tied = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("tie_word_embeddings", False)
+        found = _safetensors_file_for(target_dir, ("lm_head.weight",)) if tied else None
+    if found is None:
+        raise ValueError(f"no embed_tokens weight in the safetensors of {target_dir}")
+    file, key = found
+    with safe_open(str(file), framework="pt") as f:
+        weight = f.get_tensor(key)
+    if tuple(weight.shape) != tuple(model.embed_tokens.weight.shape):
+        raise ValueError(f"{file.name}:{key} has shape {tuple(weight.shape)}, the draft expects "
+                         f"{tuple(model.embed_tokens.weight.shape)} (vocab_size x hidden_size)")
+    model.embed_tokens.weight.copy_(weight.to(model.embed_tokens.weight.dtype))
+
+
+def num_flops_per_token(cfg: DraftConfig, ttt_steps: int, context: int) -> float:
+    """Training FLOPs per token (fwd + bwd, no recompute): 6 x matmul MACs per step + fc (weight grad only) +
+    causal attention (4*D*heads*context/2 fwd, 2.5x that in bwd) per step."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    qkvo = H * D * (3 * cfg.num_attention_heads + 4 * cfg.num_key_value_heads)  # q,k,v from 2H; o back to H
+    macs = qkvo + 3 * H * cfg.intermediate_size + H * cfg.draft_vocab_size
+    attn = 3.5 * 4 * D * cfg.num_attention_heads * context / 2
+    fc = 4 * cfg.num_aux_layers * cfg.target_hidden_size * H
+    return ttt_steps * (6 * macs + attn) + fc

@@ -1,0 +1,334 @@
+"""The stage-3 training loop: shards -> FSDP2 draft with training-time test -> checkpoints, metrics, export.
+
+Launch: `torchrun --nproc-per-node N -m stage3_train ...` (NCCL on GPUs, gloo on CPU). Run without torchrun it
+initialises a 1-rank process group on 127.0.0.1, so one process takes exactly the FSDP2 + DCP code path that N take.
+
+One optimizer step (global batch = world * batch_rows * grad_accum packed rows):
+    valid_i   = all_reduce_sum over ranks and micro-batches of ttt.valid_mask(...)[i].sum()
+    w_i       = step_decay**i / valid_i
+    loss      = sum over ranks, micro-batches, TTT steps i of  w_i * CE_sum_i     (ttt_forward returns sum_i w_i CE_i)
+FSDP2 sums (not averages) the gradients over ranks (see parallelize.py), so the update is that of the global
+loss sum_i 0.8^i * mean CE_i, independent of how the rows are spread over ranks and micro-batches.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from stage3_train import checkpoint
+from stage3_train.config import TrainConfig
+from stage3_train.data import PackedLoader, check_manifest, eval_batches, open_shards, split_rows, to_packed_batch
+from stage3_train.metrics import MetricsLogger, acceptance_length, format_line, peak_flops
+from stage3_train.parallelize import parallelize
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    mesh: DeviceMesh
+    owns_group: bool  # we created the process group (so we destroy it at the end)
+
+
+def init_distributed(device_pref: str | None) -> Dist:
+    """torchrun's env:// group when RANK is set; else a 1-rank group over an in-memory store (no port, no env
+    changes). NCCL with CUDA, gloo on CPU. An already initialised group (tests, notebooks) is reused."""
+    use_cuda = device_pref == "cuda" or (device_pref is None and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return Dist(dist.get_rank(), dist.get_world_size(), device, mesh, owns)
+
+
+def load_target_config(path: str, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:
+    """(local folder, raw config.json dict) of the target; a hub id is resolved through the HF cache (stage 2
+    downloaded it already), fetching only json and safetensors files."""
+    import json
+
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"target {path}: no config.json in {folder}")
+    return folder, json.loads(cfg_file.read_text())
+
+
+def build_model(cfg: TrainConfig, ds, target_cfg: dict[str, Any], target_dir: Path, device: torch.device):
+    """The draft on `device` in fp32: shape from the target, vocab from the shards, frozen target embeddings,
+    weights seeded (same init for any world size) or from a published draft (`train.init_from`)."""
+    from stage2_hidden.vocab import load_vocab
+    from stage3_train.model import DraftConfig, Eagle3Draft, load_target_embeddings
+
+    layer_ids = check_manifest(ds.manifest, target_cfg, cfg.layer_ids, cfg.data)
+    d2t, t2d = load_vocab(cfg.data)
+    overrides = {"num_aux_layers": len(layer_ids), "target_hidden_size": int(ds.manifest["hidden_size"]),
+                 **cfg.draft_overrides}
+    draft_cfg = DraftConfig.from_target_config(target_cfg, len(d2t), **overrides)
+    torch.manual_seed(cfg.seed)
+    model = Eagle3Draft(draft_cfg)
+    model.set_vocab(d2t, t2d)
+    if cfg.init_from:
+        from stage3_train.export import load_into
+
+        load_into(model, Path(cfg.init_from))
+    load_target_embeddings(model, target_dir)
+    return model.to(device), draft_cfg, layer_ids
+
+
+def run_meta(draft_cfg, target_cfg: dict[str, Any], layer_ids: list[int], target: dict[str, Any]) -> dict[str, Any]:
+    """What export needs beside the weights (stored in every checkpoint folder): shapes, target config, layers."""
+    import dataclasses
+
+    return {"shape": dataclasses.asdict(draft_cfg), "target_config": target_cfg, "layer_ids": list(layer_ids),
+            "target": {k: target.get(k) for k in ("name", "path", "hub_id")}}
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier for 0-based step: linear warm-up to 1 over `warmup` steps, then cosine down to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def summarize(stats: torch.Tensor, k: int, decay: float) -> dict[str, Any]:
+    """Global [ce_sum(k), correct(k), valid(k), ...] sums -> loss, per-step accuracy, acceptance length."""
+    ce, correct, valid = stats[:k], stats[k:2 * k], stats[2 * k:3 * k].clamp(min=1)
+    acc = (correct / valid).tolist()
+    loss = float(sum(decay ** i * (ce[i] / valid[i]) for i in range(k)))
+    return {"loss": loss, "acc": acc, "accept_len": acceptance_length(acc), "valid": stats[2 * k:3 * k].tolist()}
+
+
+def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int, d: Dist) -> torch.Tensor:
+    """Forward/backward over the micro-batches of one optimizer step (no optimizer update).
+
+    Returns the global sums [ce(k), correct(k), valid(k), tokens, sq_tokens] (float64). Raises FloatingPointError
+    naming the step, rank, micro-batch and conversation ids on a non-finite loss (before any update or save).
+    """
+    from stage3_train.ttt import ttt_forward, valid_mask
+
+    batches = [to_packed_batch(b, d.device) for b in micro]
+    valid_k = sum(valid_mask(b, k, model.t2d).sum(dim=(1, 2)) for b in batches).to(torch.float64)
+    dist.all_reduce(valid_k)
+    weights_k = decay ** torch.arange(k, dtype=torch.float64, device=d.device) / valid_k.clamp(min=1)
+    local = []
+    for j, b in enumerate(batches):
+        model.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once, after the last micro-batch
+        out = ttt_forward(model, b, weights_k.float(), k, checkpoint=ac)
+        out.loss.backward()
+        tokens = float((b.doc_ids >= 0).sum())
+        local.append(torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double(),
+                                torch.tensor([tokens, micro[j]["sq_tokens"]], dtype=torch.float64,
+                                             device=d.device)]))
+    per_micro = torch.stack(local)               # [grad_accum, 3k+2]
+    stats = per_micro.sum(0)
+    dist.all_reduce(stats)
+    if not torch.isfinite(stats[:k]).all():
+        bad = [j for j in range(len(micro)) if not torch.isfinite(per_micro[j, :k]).all()]
+        where = (f"rank {d.rank} micro-batch {bad[0]} conversations {micro[bad[0]]['ids']}" if bad
+                 else f"another rank than {d.rank}")
+        raise FloatingPointError(f"non-finite loss at step {step} (epoch {micro[0]['epoch']}, micro-steps "
+                                 f"{[m['micro_step'] for m in micro]}): {where}; nothing was saved for this step")
+    return stats
+
+
+def _clip(model, max_norm: float, step: int) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"non-finite gradient norm at step {step}; nothing was saved for this step")
+    return norm
+
+
+@torch.no_grad()
+def evaluate(model, ds, val_idx: list[int], cfg: TrainConfig, d: Dist) -> dict[str, Any]:
+    """Loss, per-step accuracy and acceptance length over the validation rows (all ranks, every row once)."""
+    from stage3_train.ttt import ttt_forward
+
+    k = cfg.ttt_steps
+    stats = torch.zeros(3 * k, dtype=torch.float64, device=d.device)
+    ones_k = torch.ones(k, device=d.device)
+    for raw in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=d.rank,
+                            world_size=d.world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows):
+        out = ttt_forward(model, to_packed_batch(raw, d.device), ones_k, k, checkpoint=False)
+        stats += torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double()])
+    dist.all_reduce(stats)
+    return summarize(stats, k, cfg.step_decay)
+
+
+def _peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Trainer:
+    """Holds the run's objects; `run()` is the whole loop. Split out of one function to keep each piece short."""
+
+    def __init__(self, cfg: TrainConfig, target: dict[str, Any], d: Dist):
+        # The draft's step returns views (v = v_proj(x).view(...)); nothing writes into them in place, so
+        # FSDP2's warning about in-place ops on views does not apply.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        self.cfg, self.d = cfg, d
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.ds = open_shards(cfg.data, cfg.verify_shards)
+        self.target_dir, target_cfg = load_target_config(target["path"], bool(target.get("trust_remote_code")))
+        self.model, self.draft_cfg, self.layer_ids = build_model(cfg, self.ds, target_cfg, self.target_dir,
+                                                                 self.d.device)
+        self.meta = run_meta(self.draft_cfg, target_cfg, self.layer_ids, target)
+        self.ac = parallelize(self.model, mesh=self.d.mesh, param_dtype=cfg.param_dtype,
+                              activation_checkpointing=cfg.activation_checkpointing)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        train_idx, self.val_idx = split_rows([str(self.ds[i]["id"]) for i in range(len(self.ds))], cfg.val_fraction)
+        self.loader = PackedLoader(self.ds, train_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows,
+                                   rank=self.d.rank, world_size=self.d.world, seed=cfg.seed,
+                                   pad_multiple=cfg.pad_multiple)
+        self.step = self._maybe_resume()
+        self.metrics = MetricsLogger(self.out, enabled=self.d.rank == 0,
+                                     resume_step=self.step if self.step else None, wandb_cfg=cfg.wandb,
+                                     config=cfg.to_dict())
+        self.peak = peak_flops(self.d.device, cfg.peak_tflops)
+
+    def _maybe_resume(self) -> int:
+        found = checkpoint.latest(self.ckpt_root)
+        if found is None:
+            return 0
+        if not self.cfg.resume:
+            raise ValueError(f"{self.ckpt_root} already holds checkpoints (latest {found.name}); set "
+                             f"train.resume=true to continue that run, or choose another train.out")
+        state = checkpoint.load(found, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        self.log(f"resumed from {found} at step {state['step']}")
+        return int(state["step"])
+
+    def log(self, text: str) -> None:
+        if self.d.rank == 0:
+            print(f"[stage3] {text}", flush=True)
+
+    def save(self) -> None:
+        train_state = {"scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                       "world_size": self.d.world, "config": self.cfg.to_dict()}
+        folder = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, train_state, self.meta,
+                                 self.cfg.keep_ckpts)
+        self.log(f"checkpoint {folder}")
+
+    def _log_train(self, acc_stats: torch.Tensor, t0: float, t_run: float, done: int, grad_norm: float) -> None:
+        from stage3_train.model import num_flops_per_token
+
+        cfg, k = self.cfg, self.cfg.ttt_steps
+        m = summarize(acc_stats, k, cfg.step_decay)
+        elapsed = time.perf_counter() - t0
+        tokens, sq = float(acc_stats[3 * k]), float(acc_stats[3 * k + 1])
+        m["tokens_per_s"] = tokens / elapsed
+        flops = num_flops_per_token(self.draft_cfg, k, int(sq / max(tokens, 1.0)))
+        m["mfu"] = m["tokens_per_s"] / self.d.world * flops / self.peak if self.peak else None
+        m["lr"] = self.scheduler.get_last_lr()[0]
+        m["grad_norm"] = grad_norm
+        m["peak_mem_gib"] = _peak_mem_gib(self.d.device)
+        m["eta_s"] = (time.perf_counter() - t_run) / max(done, 1) * (cfg.steps - self.step)
+        self.log(format_line(self.step, cfg.steps, m))
+        self.metrics.log("train", self.step, {key: v for key, v in m.items() if key != "valid"})
+
+    def _eval(self) -> None:
+        if not self.val_idx:
+            return
+        m = evaluate(self.model, self.ds, self.val_idx, self.cfg, self.d)
+        acc = " ".join(f"{a:.3f}" for a in m["acc"])
+        self.log(f"val  step {self.step:>6} | loss {m['loss']:.4f} | acc {acc} | accept {m['accept_len']:.2f}")
+        self.metrics.log("val", self.step, {key: v for key, v in m.items() if key != "valid"})
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.log(f"{len(self.ds)} conversations ({len(self.val_idx)} held out), world {self.d.world}, "
+                 f"{self.loader.steps_per_epoch() // cfg.grad_accum} steps/epoch, from step {self.step} to {cfg.steps}")
+        try:
+            self._loop()
+        except BaseException:
+            self.metrics.close()  # keep the curves up to the failure; no checkpoint is written for the bad step
+            raise
+        return self.finish()
+
+    def _loop(self) -> None:
+        cfg, k = self.cfg, self.cfg.ttt_steps
+        window = torch.zeros(3 * k + 2, dtype=torch.float64, device=self.d.device)
+        t0 = t_run = time.perf_counter()
+        start, last_val = self.step, None
+        while self.step < cfg.steps:
+            micro = [next(self.loader) for _ in range(cfg.grad_accum)]
+            window += train_step(self.model, micro, k=k, decay=cfg.step_decay, ac=self.ac, step=self.step + 1,
+                                 d=self.d)
+            grad_norm = _clip(self.model, cfg.grad_clip, self.step + 1)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log_train(window, t0, t_run, self.step - start, grad_norm)
+                window.zero_()
+                t0 = time.perf_counter()
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._eval()
+                last_val = self.step
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
+                self.save()
+        if last_val != self.step:
+            self._eval()
+
+    def finish(self) -> dict[str, Any]:
+        export_dir = None
+        if self.cfg.export:
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+            if self.d.rank == 0:
+                from stage3_train.export import export_state
+
+                export_dir = export_state(state, self.meta, self.out / "export")
+                self.log(f"exported {export_dir}")
+        png = self.metrics.close()
+        if png:
+            self.log(f"curves {png}")
+        dist.barrier()
+        return {"step": self.step, "out": str(self.out), "export": str(export_dir) if export_dir else None}
+
+
+def run(cfg: TrainConfig, target: dict[str, Any]) -> dict[str, Any]:
+    """Train per `cfg` against `target` (the conf/target preset: path, trust_remote_code, ...)."""
+    d = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, target, d).run()
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,117 @@
+"""Stage 1 client retries against real local HTTP servers (no mocks): 503 then 200, dropped connections,
+non-retryable 4xx, exhausted retries, round robin."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from stage1_sample.client import ChatClient, RequestError
+
+OK_BODY = {
+    "id": "x", "object": "chat.completion", "prompt_token_ids": [1, 2, 3],
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello", "reasoning_content": "hmm"},
+                 "finish_reason": "stop", "token_ids": [7, 8]}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+}
+
+
+def serve(script: list[str]):
+    """A real HTTP server on 127.0.0.1 answering the i-th POST per ``script[i]`` (the last entry repeats):
+    "ok", "503", "429", "400", or "drop" (close the connection without answering)."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+            action = script[min(len(seen) - 1, len(script) - 1)]
+            if action == "drop":
+                self.close_connection = True
+                self.connection.close()
+                return
+            if action == "ok":
+                status, payload = 200, OK_BODY
+            else:
+                status = int(action)
+                payload = {"error": {"message": f"server says {status}", "type": "BadRequestError", "code": status}}
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}", seen
+
+
+def _chat(urls, **kw):
+    async def go():
+        async with ChatClient(urls, "m", backoff_base=0.01, backoff_max=0.05, timeout=5, **kw) as client:
+            result = await client.chat([{"role": "user", "content": "hi", "prompt_token_ids": [9]}], seed=3,
+                                       max_tokens=4, chat_template_kwargs={"enable_thinking": False})
+            return result, client.num_retries
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("script", [["503", "503", "ok"], ["429", "ok"], ["drop", "drop", "ok"]])
+def test_retries_then_succeeds(script):
+    server, url, seen = serve(script)
+    try:
+        result, retries = _chat([url], max_retries=3)
+    finally:
+        server.shutdown()
+    assert retries == len(script) - 1 and len(seen) == len(script)
+    assert result.message == {"role": "assistant", "content": "hello", "reasoning_content": "hmm",
+                              "prompt_token_ids": [1, 2, 3], "completion_token_ids": [7, 8], "finish_reason": "stop"}
+    assert result.num_completion_tokens == 2
+    body = seen[-1]["body"]
+    assert seen[-1]["path"] == "/v1/chat/completions"
+    assert body["return_token_ids"] is True and body["seed"] == 3 and body["max_tokens"] == 4
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert body["messages"] == [{"role": "user", "content": "hi"}]  # our extra fields are not sent
+
+
+def test_client_4xx_is_not_retried_and_carries_the_server_message():
+    server, url, seen = serve(["400"])
+    try:
+        with pytest.raises(RequestError, match="HTTP 400 .*server says 400") as info:
+            _chat([url], max_retries=5)
+    finally:
+        server.shutdown()
+    assert len(seen) == 1 and info.value.status == 400
+
+
+def test_gives_up_after_max_retries():
+    server, url, seen = serve(["drop"])
+    try:
+        with pytest.raises(RequestError, match="gave up after 3 attempts"):
+            _chat([url], max_retries=2)
+    finally:
+        server.shutdown()
+    assert len(seen) == 3
+
+
+def test_round_robin_fails_over_to_a_live_server(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "secret-key")
+    from stage1_sample.client import api_key_from_env
+
+    dead, dead_url, dead_seen = serve(["503"])
+    live, live_url, live_seen = serve(["ok"])
+    try:
+        result, retries = _chat([dead_url, live_url + "/v1"], max_retries=2, api_key=api_key_from_env())
+    finally:
+        dead.shutdown()
+        live.shutdown()
+    assert result.message["content"] == "hello" and retries == 1
+    assert len(dead_seen) == 1 and len(live_seen) == 1 and live_seen[0]["auth"] == "Bearer secret-key"

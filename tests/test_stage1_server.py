@@ -1,0 +1,162 @@
+"""Stage 1 against a real vLLM CPU server on SmolLM2: turn-by-turn answers, token ids equal to the
+tokenizer's rendering, the CLI killed with -9 and resumed (no loss, no duplicates), Ctrl-C leaving no
+server process behind."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stage1_sample.client import ChatClient
+from stage1_sample.formats import Conversation, load_conversations
+from stage1_sample.regenerate import regenerate
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0, "chat_template_kwargs": {}}
+
+
+def test_turn_by_turn_regeneration_and_token_ids(vllm_server, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    conv = Conversation("t1", [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "ORIGINAL ANSWER ONE"},
+        {"role": "user", "content": "Name another one."},
+        {"role": "assistant", "content": "ORIGINAL ANSWER TWO"},
+        {"role": "user", "content": "And a fruit?"},  # ends on a user turn: one more answer is generated
+    ])
+
+    async def go():
+        async with ChatClient([vllm_server], "smollm2-135m", timeout=120, max_retries=2) as client:
+            return await regenerate(client, conv, SAMPLING)
+
+    record, num_tokens = asyncio.run(go())
+    msgs = record["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in msgs if m["role"] != "assistant"] == \
+        [m["content"] for m in conv.messages if m["role"] != "assistant"]
+    answers = [(i, m) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert not any("ORIGINAL" in m["content"] for _, m in answers)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    for i, m in answers:
+        assert m["content"].strip() and m["finish_reason"] in ("stop", "length")
+        # the prompt the server saw is the chat template of the history with the *regenerated* answers
+        history = [{"role": h["role"], "content": h["content"]} for h in msgs[:i]]
+        expected = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert m["prompt_token_ids"] == list(expected)
+        ids = m["completion_token_ids"]
+        assert 0 < len(ids) <= SAMPLING["max_tokens"]
+        assert tok.decode(ids, skip_special_tokens=True) == m["content"]
+        text_ids = ids[:-1] if ids[-1] == tok.eos_token_id else ids
+        assert tok.decode(tok.encode(m["content"], add_special_tokens=False)) == m["content"]
+        assert tok.decode(text_ids) == m["content"]
+    assert num_tokens == sum(len(m["completion_token_ids"]) for _, m in answers)
+    # turn 2 was conditioned on the regenerated turn 1 (not on the original)
+    assert answers[0][1]["content"] in tok.decode(answers[1][1]["prompt_token_ids"])
+    # greedy + fixed seed: the same answers again
+    assert asyncio.run(go())[0] == record
+
+
+def _write_input(path: Path) -> list[str]:
+    """12 good conversations (some 2-turn), 1 bad record, 1 whose prompt overflows max_model_len=4096."""
+    rows = []
+    for i in range(12):
+        msgs = [{"role": "user", "content": f"Give me one word that rhymes with number {i}."},
+                {"role": "assistant", "content": "old answer"}]
+        if i % 3 == 0:
+            msgs += [{"role": "user", "content": "Now a different one."}, {"role": "assistant", "content": "old"}]
+        rows.append({"id": f"c{i:02d}", "messages": msgs})
+    rows.insert(5, {"id": "bad", "messages": [{"role": "assistant", "content": "no user here"}]})
+    rows.insert(9, {"id": "huge", "messages": [{"role": "user", "content": "hello " * 6000}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [r["id"] for r in rows if r["id"] not in ("bad", "huge")]
+
+
+def _cli(out_dir: Path, input_file: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "stage1_sample", f"sample.input={input_file}", f"sample.output_dir={out_dir}",
+            "sample.max_tokens=16", "sample.temperature=0", "sample.rows_per_shard=2", "sample.concurrency=2",
+            "sample.max_retries=1", *extra]
+
+
+def _rows_on_disk(out_dir: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in out_dir.glob("shard-*.jsonl*"))
+
+
+def test_cli_kill9_then_resume_loses_and_duplicates_nothing(vllm_server, tmp_path):
+    expected = _write_input(tmp_path / "in.jsonl")
+    out = tmp_path / "out"
+    cmd = _cli(out, tmp_path / "in.jsonl", "sample.server.launch=false", f"sample.server.urls=[{vllm_server}]")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while _rows_on_disk(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.kill()  # SIGKILL mid-run: no clean-up at all
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    before = {c.id: c.to_json() for p in out.glob("shard-*.jsonl*")
+              for c in load_conversations(p) if isinstance(c, Conversation)}
+    assert len(before) >= 3
+
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = re.search(r"accounting: input (\d+) = written (\d+) \+ skipped (\d+) \+ failed (\d+) \(resumed (\d+)",
+                     done.stdout)
+    assert line, done.stdout
+    assert [int(x) for x in line.groups()[:4]] == [14, 12, 1, 1] and int(line.group(5)) >= len(before) - 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["accounting"] == {"input": 14, "written": 12, "skipped": 1, "failed": 1}
+    after = [c for c in load_conversations(out)]
+    ids = [c.id for c in after]
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert all(c.to_json() == before[c.id] for c in after if c.id in before)  # earlier rows kept as written
+    assert all(len(c.messages) == (4 if int(c.id[1:]) % 3 == 0 else 2) for c in after)
+    failed = [json.loads(x) for x in (out / "failed.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in failed] == ["huge"] and "HTTP 400" in failed[0]["error"]
+    assert "context" in failed[0]["error"].lower() or "length" in failed[0]["error"].lower()
+    assert [json.loads(x)["id"] for x in (out / "skipped.jsonl").read_text().splitlines()] == ["bad"]
+    assert (out / "config.yaml").exists()
+
+
+def _pgid_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_no_server_process(smollm2_dir, tmp_path):
+    _write_input(tmp_path / "in.jsonl")
+    out = tmp_path / "out"
+    cmd = _cli(out, tmp_path / "in.jsonl", f"target.path={smollm2_dir}", "sample.server.launch=true")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while _rows_on_disk(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    started = re.search(r"started vLLM \(pid (\d+), pgid (\d+)\)", (out / "sample.log").read_text())
+    assert started and proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    pgid = int(started.group(2))
+    assert _pgid_members(pgid), "the server should be running"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal does to us
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    time.sleep(1)
+    assert _pgid_members(pgid) == []
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+    assert not (out / "manifest.json").exists() and _rows_on_disk(out) >= 1  # left for sample.resume

@@ -1,0 +1,119 @@
+"""Stage 3 training loop on a tiny target (CPU, gloo, 1 process): outputs, resume equality, refusals, NaN stop."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from stage3_train.checkpoint import MARKER, step_dirs
+from stage3_train.config import TrainConfig
+from stage3_train.data import check_manifest
+from stage3_train.metrics import acceptance_length
+from stage3_train.train import lr_factor, run, summarize
+from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target, tiny_rows, tiny_stage3  # noqa: F401
+
+
+def small_cfg(shards: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(shards), out=str(out), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=6, lr=3e-3,
+                warmup_steps=2, log_every=1, eval_every=0, ckpt_every=3, keep_ckpts=5, param_dtype="float32",
+                val_fraction=0.1, export=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def train_records(out: Path, kind: str = "train") -> list[dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_schedule_and_acceptance_formula():
+    assert lr_factor(0, 2, 10, 0.1) == 0.5 and lr_factor(1, 2, 10, 0.1) == 1.0
+    assert lr_factor(10, 2, 10, 0.1) == pytest.approx(0.1) and 0.1 < lr_factor(6, 2, 10, 0.1) < 1.0
+    assert acceptance_length([0.8, 0.7]) == pytest.approx(1 + 0.8 + 0.8 * 0.7)
+    assert acceptance_length([0.0, 1.0]) == 1.0 and acceptance_length([1.0] * 3) == 4.0
+    # stats = [ce(k), correct(k), valid(k)]: loss = sum_i 0.8^i ce_i / valid_i
+    m = summarize(torch.tensor([4.0, 6.0, 3.0, 1.0, 4.0, 2.0], dtype=torch.float64), 2, 0.8)
+    assert m["loss"] == pytest.approx(4 / 4 + 0.8 * 6 / 2) and m["acc"] == [0.75, 0.5]
+
+
+def test_manifest_mismatch_is_refused():
+    target = {"hidden_size": 32, "vocab_size": 96, "num_hidden_layers": 8}
+    good = {"hidden_size": 32, "vocab_size": 96, "layer_ids": [2, 4, 5], "num_aux_layers": 3}
+    assert check_manifest(good, target, None, "d") == [2, 4, 5]
+    with pytest.raises(ValueError, match="hidden_size 64 in the shards, 32 in the target"):
+        check_manifest({**good, "hidden_size": 64}, target, None, "d")
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_manifest({**good, "vocab_size": 100}, target, None, "d")
+    with pytest.raises(ValueError, match="layer_ids"):
+        check_manifest(good, target, [1, 4, 7], "d")
+    with pytest.raises(ValueError, match="num_aux_layers"):
+        check_manifest({**good, "num_aux_layers": 4}, target, None, "d")
+    assert check_manifest({**good, "layer_ids": [1, 2], "num_aux_layers": 2}, target, [1, 2], "d") == [1, 2]
+
+
+def test_run_refuses_another_targets_shards(tmp_path, tiny_stage3):
+    _, shards = tiny_stage3
+    other = make_tiny_target(tmp_path / "other")
+    cfg_file = other / "config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "hidden_size": 48}))
+    with pytest.raises(ValueError, match="do not match the configured target"):
+        run(small_cfg(shards, tmp_path / "run"), {"path": str(other)})
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_short_run_writes_metrics_checkpoints_plot_export(tmp_path, tiny_stage3):
+    target, shards = tiny_stage3
+    out = tmp_path / "run"
+    result = run(small_cfg(shards, out, steps=4, ckpt_every=2, keep_ckpts=1, eval_every=2, export=True),
+                 {"path": str(target)})
+    assert result["step"] == 4 and Path(result["export"]).joinpath("model.safetensors").is_file()
+    recs = train_records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        assert len(r["acc"]) == 3 and r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["lr"] > 0
+        assert r["accept_len"] == pytest.approx(acceptance_length(r["acc"]))
+    assert [r["step"] for r in train_records(out, "val")] == [2, 4]
+    assert [s for s, _ in step_dirs(out / "checkpoints")] == [4]  # keep_ckpts=1 pruned step-2
+    assert (out / "checkpoints/step-4" / MARKER).is_file()
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    with pytest.raises(ValueError, match="train.resume=true"):  # a second run must not clobber the first
+        run(small_cfg(shards, out, steps=4), {"path": str(target)})
+
+
+def test_resume_gives_the_uninterrupted_losses(tmp_path, tiny_stage3):
+    target, shards = tiny_stage3
+    full = tmp_path / "full"
+    run(small_cfg(shards, full, steps=6, ckpt_every=3, grad_accum=2), {"path": str(target)})
+    # the interrupted run: everything the full run had written when it saved step 3
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints/step-6")
+    (cut / "checkpoints/step-9").mkdir()  # an unfinished save (no marker) is ignored
+    run(small_cfg(shards, cut, steps=6, ckpt_every=3, grad_accum=2, resume=True), {"path": str(target)})
+    a, b = train_records(full), train_records(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a[3:], b[3:]):
+        assert rb["loss"] == ra["loss"] and rb["acc"] == ra["acc"], (ra, rb)
+    assert a[0]["loss"] != a[5]["loss"]
+
+
+def test_nan_loss_stops_naming_step_and_batch(tmp_path, tiny_stage3):
+    from stage2_hidden.shards import write_shards
+
+    target, _ = tiny_stage3
+    rows = list(tiny_rows(12, seed=5))
+    rows[7]["hidden"] = torch.full_like(rows[7]["hidden"], float("nan"))
+    shards = tmp_path / "nan_shards"
+    write_shards(shards, rows, {"layer_ids": TINY_LAYERS, "hidden_size": TINY["hidden_size"],
+                                "vocab_size": TINY["vocab_size"]}, draft_vocab_size=64)
+    out = tmp_path / "run"
+    cfg = small_cfg(shards, out, steps=50, ckpt_every=1, keep_ckpts=100, val_fraction=0.0, max_tokens=40)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step (\d+).*conv-5-7") as err:
+        run(cfg, {"path": str(target)})
+    bad_step = int(str(err.value).split("step ")[1].split()[0])
+    saved = step_dirs(out / "checkpoints", complete_only=False)
+    assert saved and all((p / MARKER).is_file() for _, p in saved)
+    assert max(s for s, _ in saved) == bad_step - 1  # nothing saved for (or after) the bad step
