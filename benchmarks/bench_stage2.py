@@ -81,11 +81,12 @@ def make_rows(n: int, length: int, vocab: int, seed: int) -> list[Rendered]:
                      (rng.random(length) < 0.6).astype(np.uint8), "template") for i in range(n)]
 
 
-def timed_pass(cap, rows, batch_tokens, rows_per_shard, width, layer_ids, write: bool, tmp_root: str):
-    """Seconds for all rows: forwards + (optionally) shard writes, until everything is on disk."""
+def timed_pass(cap, rows, batch_tokens, rows_per_shard, width, layer_ids, threads: int, tmp_root: str):
+    """Seconds for all rows: forwards + shard writes (``threads`` writers; 0 = no writes), all on disk."""
+    write = threads > 0
     out_dir = Path(tempfile.mkdtemp(dir=tmp_root))
     try:
-        writer = AsyncShardWriter(out_dir, make_schema(width, layer_ids), max_queue=4) if write else None
+        writer = AsyncShardWriter(out_dir, make_schema(width, layer_ids), 2, threads) if write else None
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t = time.perf_counter()
@@ -113,6 +114,32 @@ def _forward_only(cap, rows, batch_tokens):
             host.copy_(out.hidden_TW, non_blocking=True)
 
 
+def disk_gbps(tmp_root: str, threads: int, gib_per_thread: float = 1.0) -> float:
+    """GB/s of ``threads`` parallel sequential writes + fsync (the ceiling for shard writes)."""
+    import threading
+
+    buf = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+    out_dir = Path(tempfile.mkdtemp(dir=tmp_root))
+    n = int(gib_per_thread * 16)
+
+    def one(i):
+        with open(out_dir / f"f{i}", "wb") as f:
+            for _ in range(n):
+                f.write(buf)
+            f.flush()
+            import os
+            os.fsync(f.fileno())
+    t = time.perf_counter()
+    ths = [threading.Thread(target=one, args=(i,)) for i in range(threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    secs = time.perf_counter() - t
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return threads * n * len(buf) / secs / 1e9
+
+
 def packed_check(cap, vocab: int) -> float:
     """max |packed - alone| / max |alone| of the hidden rows of a conversation packed after another."""
     a, b = torch.randint(0, vocab, (300,)), torch.randint(0, vocab, (500,))
@@ -123,12 +150,24 @@ def packed_check(cap, vocab: int) -> float:
     return float(diff / alone.hidden_TW.float().abs().max()), same
 
 
+def _row(cfg, model, peak, device, length, bt, threads, n, secs, fwd_secs, nbytes, width) -> dict:
+    tokens = n * length
+    tps = tokens / secs
+    return {"length": length, "batch_tokens": bt, "writer_threads": threads, "conversations": n,
+            "tokens": tokens, "seconds": secs, "tokens_per_s": tps, "fwd_tokens_per_s": tokens / fwd_secs,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
+            "bytes_per_token": nbytes / tokens, "expected_bytes_per_token": width * 2 + 9,
+            "mfu": tps * flops_per_token(cfg, model, length) / (peak * 1e12) if peak else None,
+            "fwd_mfu": tokens / fwd_secs * flops_per_token(cfg, model, length) / (peak * 1e12) if peak else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     ap.add_argument("--tokens", type=int, default=131072, help="tokens per length (at least one conversation)")
     ap.add_argument("--batch-tokens", type=int, nargs="+", default=[16384], help="packed row sizes to try")
     ap.add_argument("--rows-per-shard", type=int, default=16)
+    ap.add_argument("--writer-threads", type=int, nargs="+", default=[2], help="writer thread counts to try")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="local-disk folder for the shards")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -144,39 +183,36 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if not args.tiny else "cpu", "torch": torch.__version__,
                "matmul_tflops": peak, "packed_vs_alone_rel_err": err, "packed_vs_alone_argmax_agree": same,
                "layer_ids": layer_ids, "rows": []}
+    results["disk_gbps"] = {t: disk_gbps(args.tmp, t, 0.25 if args.tiny else 1.0) for t in (1, 2, 4)}
+    print(f"disk write+fsync GB/s by threads: {results['disk_gbps']}", flush=True)
     print(f"device {results['device']}  bf16 matmul {peak or 0:.0f} TFLOP/s  packed-vs-alone rel err {err:.2e} "
           f"argmax agree {same:.4f}", flush=True)
     for length in args.lengths:
         n = max(1, args.tokens // length)
         rows = make_rows(n, length, cfg.vocab_size, seed=length)
         for bt_eff in sorted({max(bt, length) for bt in args.batch_tokens}):
-            timed_pass(cap, rows[:1], bt_eff, args.rows_per_shard, width, layer_ids, True, args.tmp)  # warm-up
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            common = (cap, rows, bt_eff, args.rows_per_shard, width, layer_ids)
             try:
-                secs, nbytes = timed_pass(cap, rows, bt_eff, args.rows_per_shard, width, layer_ids, True, args.tmp)
-                fwd_secs, _ = timed_pass(cap, rows, bt_eff, args.rows_per_shard, width, layer_ids, False, args.tmp)
+                timed_pass(cap, rows[:1], bt_eff, args.rows_per_shard, width, layer_ids, 1, args.tmp)  # warm-up
+                fwd_secs, _ = timed_pass(*common, 0, args.tmp)
+                for threads in args.writer_threads:
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    secs, nbytes = timed_pass(*common, threads, args.tmp)
+                    results["rows"].append(_row(cfg, model, peak, device, length, bt_eff, threads, n, secs,
+                                                fwd_secs, nbytes, width))
+                    print(json.dumps(results["rows"][-1]), flush=True)
             except torch.OutOfMemoryError as e:
                 results["rows"].append({"length": length, "batch_tokens": bt_eff, "error": f"OOM: {e}"[:200]})
                 print(f"{length:>7} {bt_eff:>7}  out of memory", flush=True)
                 torch.cuda.empty_cache()
-                continue
-            tokens = n * length
-            tps = tokens / secs
-            row = {"length": length, "batch_tokens": bt_eff, "conversations": n, "tokens": tokens,
-                   "seconds": secs, "tokens_per_s": tps, "fwd_tokens_per_s": tokens / fwd_secs,
-                   "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
-                   "bytes_per_token": nbytes / tokens, "expected_bytes_per_token": width * 2 + 9,
-                   "mfu": tps * flops_per_token(cfg, model, length) / (peak * 1e12) if peak else None}
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-    print("\n| tokens/conv | packed row | tokens/s (with writes) | fwd-only tokens/s | peak GiB | MFU | bytes/token |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| tokens/conv | packed row | writer threads | tokens/s (with writes) | fwd-only tokens/s | peak GiB | MFU | bytes/token |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["rows"]:
         if "error" in r:
-            print(f"| {r['length']:,} | {r['batch_tokens']:,} | {r['error'][:40]} | | | | |")
+            print(f"| {r['length']:,} | {r['batch_tokens']:,} | | {r['error'][:40]} | | | | |")
             continue
-        print(f"| {r['length']:,} | {r['batch_tokens']:,} | {r['tokens_per_s']:,.0f} | {r['fwd_tokens_per_s']:,.0f} | "
+        print(f"| {r['length']:,} | {r['batch_tokens']:,} | {r['writer_threads']} | {r['tokens_per_s']:,.0f} | {r['fwd_tokens_per_s']:,.0f} | "
               f"{r['peak_gib'] or 0:.1f} | {r['mfu'] or 0:.2f} | {r['bytes_per_token']:,.0f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

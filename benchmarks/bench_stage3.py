@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stage3_train.attention import Segments, reference_ttt_attention, ttt_attention  # noqa: E402
-from stage3_train.model import DraftConfig, Eagle3Draft, num_flops_per_token  # noqa: E402
+from stage3_train.model import DraftConfig, Eagle3Draft, compile_hot_paths, num_flops_per_token  # noqa: E402
 from stage3_train.ttt import PackedBatch, ttt_forward  # noqa: E402
 
 LLAMA_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -114,6 +114,23 @@ def bench_one(model, opt, cfg, T: int, ttt: int, ac: bool, iters: int, warmup: i
             "acc0": float(out.correct[0]) / max(1, int(out.valid[0]))}
 
 
+def profile_step(model, cfg, T: int, ttt: int, ac_off: bool, out: str | None) -> None:
+    """Top CUDA kernels of one step (after a warm-up step), printed and saved beside --out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench_one(model, None, cfg, T, ttt, not ac_off, iters=1, warmup=1)
+    batch = random_batch(T, cfg)
+    weights = torch.tensor([0.8 ** i / T for i in range(ttt)], device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ttt_forward(model, batch, weights, ttt, checkpoint=not ac_off).loss.backward()
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    print(table, flush=True)
+    if out:
+        Path(out).with_suffix(".profile.txt").write_text(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+",
@@ -126,6 +143,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=str, default=None, help="JSON file for all numbers")
+    p.add_argument("--no-compile", action="store_true", help="keep the elementwise kernels eager")
+    p.add_argument("--profile", type=int, default=8192, help="profile one step at this size (0 = off)")
     p.add_argument("--time-budget", type=float, default=480.0, help="stop starting new sizes after this many s")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -133,6 +152,8 @@ def main() -> None:
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
     report: dict = {"device": props.name, "torch": torch.__version__, "args": vars(args)}
+    if not args.no_compile:
+        compile_hot_paths()
     report["attention_check"] = check_attention()
     print("attention check (rel. error vs fp32 reference):", json.dumps(report["attention_check"]), flush=True)
     report["matmul_tflops"] = peak = matmul_tflops()
@@ -145,6 +166,8 @@ def main() -> None:
     report["trainable_params"] = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True) if args.optimizer else None
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.ac]
+    if args.profile:
+        profile_step(model, cfg, args.profile, args.ttt, args.ac != "on", args.out)
     rows = []
     for ac in modes:
         for T in args.sizes:

@@ -59,7 +59,7 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     try:
         with contextlib.ExitStack() as stack:
             urls = cfg.server.urls
-            if cfg.server.launch:
+            if cfg.server.launch and not urls:
                 port = cfg.server.port or free_port()
                 cmd = vllm_command(target.path, target.served_name, port, dtype=target.dtype,
                                    max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
@@ -98,6 +98,7 @@ async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, wr
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     install_signal_handlers()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_stage1(resolved)
 

@@ -15,7 +15,7 @@ FORMATS = ("jsonl", "parquet")
 @dataclass
 class ServerConfig:
     launch: bool = True                 # start a vLLM server for the run (stopped at the end, also on Ctrl-C)
-    urls: list[str] = field(default_factory=list)  # running OpenAI-compatible servers (round robin) when launch=false
+    urls: list[str] = field(default_factory=list)  # running OpenAI-compatible servers (round robin); non-empty: no launch
     port: int = 0                       # port of the launched server; 0 = a free one
     extra_args: list[str] = field(default_factory=list)  # appended to the vLLM command line
     env: dict[str, str] = field(default_factory=dict)    # extra environment of the launched server

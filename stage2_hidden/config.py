@@ -35,11 +35,12 @@ class HiddenConfig:
     lm_head_chunk: int = 4096
     limit: int | None = None
     writer_queue: int = 2
+    writer_threads: int = 2
 
     def __post_init__(self):
         if self.on_too_long not in ("truncate", "skip"):
             raise ValueError(f"hidden.on_too_long must be truncate or skip, got {self.on_too_long!r}")
-        for name in ("batch_tokens", "lm_head_chunk", "draft_vocab_size", "writer_queue"):
+        for name in ("batch_tokens", "lm_head_chunk", "draft_vocab_size", "writer_queue", "writer_threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"hidden.{name} must be >= 1")
         if self.rows_per_shard is None and self.shard_bytes is None:

@@ -65,46 +65,54 @@ def plan_shards(rows: Iterator[Rendered], rows_per_shard: int | None, shard_byte
 
 
 class AsyncShardWriter:
-    """Writer thread: opens / fills / closes shards in the order the jobs arrive."""
+    """Writer threads: shard k is opened, filled and closed by thread k % num_threads, in job order.
 
-    def __init__(self, out_dir: Path, schema, max_queue: int):
+    Several threads write (and fsync, and hash) different shards at once, so a disk that needs queue
+    depth, or the sha256 pass, does not hold up the GPU. ``max_queue`` bounds the forwards in flight
+    per thread (each holds its pinned host buffers)."""
+
+    def __init__(self, out_dir: Path, schema, max_queue: int = 2, num_threads: int = 1):
         self.out_dir, self.schema = out_dir, schema
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.queues = [queue.Queue(maxsize=max_queue) for _ in range(num_threads)]
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._loop, args=(q,), daemon=True) for q in self.queues]
+        for t in self.threads:
+            t.start()
 
     def put(self, job) -> None:
+        """job: ("open", k) | ("rows", k, event, [(row, start, end)], hidden_TW, target_T) | ("close", k)."""
         if self.error:
             raise RuntimeError("shard writer failed") from self.error
-        self.jobs.put(job)
+        self.queues[job[1] % len(self.queues)].put(job)
 
-    def _loop(self) -> None:
+    def _loop(self, jobs: queue.Queue) -> None:
         writer = None
-        while (job := self.jobs.get()) is not None:
+        while (job := jobs.get()) is not None:
             if self.error:
                 continue
             try:
-                kind = job[0]
-                if kind == "open":
+                if job[0] == "open":
                     writer = ShardWriter(self.out_dir, job[1], self.schema)
-                elif kind == "rows":
-                    _, event, rows, hidden_TW, target_T = job
+                elif job[0] == "rows":
+                    _, _, event, rows, hidden_TW, target_T = job
                     if event is not None:
                         event.synchronize()
                     for row, s, e in rows:
                         writer.write_row(row.id, row.input_ids, row.loss_mask, target_T[s:e], hidden_TW[s:e])
-                elif kind == "close":
+                elif job[0] == "close":
                     writer.close()
                     writer = None
             except BaseException as e:  # surfaced to the main thread on the next put / finish
                 self.error = e
                 if writer is not None:
                     writer.abort()
+                    writer = None
 
     def finish(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads:
+            t.join()
         if self.error:
             raise RuntimeError("shard writer failed") from self.error
 
@@ -130,8 +138,8 @@ def capture_shard(cap: HiddenCapture, writer: AsyncShardWriter, index: int, rows
         for i in group:
             bounds.append((rows[i], s, s + len(rows[i].input_ids)))
             s += len(rows[i].input_ids)
-        writer.put(("rows", event, bounds, hidden, target))
-    writer.put(("close",))
+        writer.put(("rows", index, event, bounds, hidden, target))
+    writer.put(("close", index))
     return sum(len(r.input_ids) for r in rows)
 
 
@@ -225,7 +233,8 @@ def _capture_all(plan, target, hcfg, fields, out_dir, rank, world, local_rank) -
                                 target.trust_remote_code)
             cap = HiddenCapture(model, fields["layer_ids"], hcfg.lm_head_chunk)
             width = len(fields["layer_ids"]) * fields["hidden_size"]
-            writer = AsyncShardWriter(out_dir, make_schema(width, fields["layer_ids"]), hcfg.writer_queue)
+            writer = AsyncShardWriter(out_dir, make_schema(width, fields["layer_ids"]), hcfg.writer_queue,
+                                      hcfg.writer_threads)
         tokens += capture_shard(cap, writer, index, rows, hcfg.batch_tokens)
         bar.set_postfix(tokens=tokens)
     bar.close()

@@ -12,14 +12,13 @@ are ``num_aux * H * 2`` hidden + 4 input id + 4 target id + 1 mask = ``3 * H * 2
 
 Schema metadata: ``eagle3.format``, ``eagle3.hidden_dtype``, ``eagle3.hidden_width``, ``eagle3.layer_ids``.
 
-A shard is written to ``.tmp-<name>`` in the same folder, hashed while written, fsynced and renamed to
+A shard is written to ``.tmp-<name>`` in the same folder (hashed and flushed row by row), fsynced and renamed to
 ``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go to ``.parts/<name>.json``. A
 file under the final name is therefore always complete; a restarted run skips it and rewrites the rest.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -67,28 +66,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _HashingFile(io.RawIOBase):
-    """Write-only file that feeds every byte to sha256 on its way to disk."""
-
-    def __init__(self, path: Path):
-        self._f = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.size += len(b)
-        return self._f.write(b)
-
-    def finish(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-
-
 def _list_array(values: np.ndarray, pa_type) -> pa.Array:
     """One-row list<...> array over ``values`` without copying them."""
     offsets = pa.array(np.array([0, len(values)], dtype=np.int32))
@@ -118,8 +95,12 @@ class ShardWriter:
         self.out_dir, self.name, self.schema = Path(out_dir), shard_name(index), schema
         self.width = int(schema.metadata[b"eagle3.hidden_width"])
         self.tmp = self.out_dir / f".tmp-{self.name}"
-        self._file = _HashingFile(self.tmp)
-        self._writer = pa.ipc.new_file(pa.PythonFile(self._file, mode="w"), schema)
+        self._sink = pa.OSFile(str(self.tmp), "wb")  # native writes: no GIL held while bytes go to disk
+        self._writer = pa.ipc.new_file(self._sink, schema)
+        # The file only grows by appends: after each row, hash the new bytes (read back from the page
+        # cache) and flush them to disk, so closing a shard costs one row of work, not one shard.
+        self._readback = open(self.tmp, "rb")
+        self._sha = hashlib.sha256()
         self.rows = self.tokens = self.loss_tokens = 0
 
     def write_row(self, row_id: str, input_ids, loss_mask, target_ids, hidden) -> None:
@@ -135,27 +116,40 @@ class ShardWriter:
             [pa.array([row_id], pa.string()), _list_array(ids, pa.int32()), _list_array(mask, pa.uint8()),
              _list_array(tgt, pa.int32()), hidden_arr], schema=self.schema)
         self._writer.write_batch(batch)
+        self._catch_up()
         self.rows += 1
         self.tokens += T
         self.loss_tokens += int(mask.sum())
 
+    def _catch_up(self) -> None:
+        while chunk := self._readback.read(1 << 24):
+            self._sha.update(chunk)
+        os.fdatasync(self._readback.fileno())
+
     def close(self) -> dict[str, Any]:
         self._writer.close()
-        self._file.finish()
+        self._sink.close()
+        self._catch_up()
+        os.fsync(self._readback.fileno())
+        self._readback.close()
+        sha = self._sha.hexdigest()
         final = self.out_dir / self.name
         os.replace(self.tmp, final)
         _fsync_dir(self.out_dir)
         info = {"file": self.name, "rows": self.rows, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
-                "bytes": self._file.size, "sha256": self._file.sha.hexdigest()}
+                "bytes": final.stat().st_size, "sha256": sha}
         parts = self.out_dir / PARTS
         parts.mkdir(exist_ok=True)
         atomic_write_text(parts / f"{self.name}.json", json.dumps(info))
         return info
 
     def abort(self) -> None:
-        self._writer.close()
-        self._file.finish()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._writer.close()
+            self._sink.close()
+            self._readback.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def shard_info(out_dir: Path, index: int) -> dict[str, Any] | None:

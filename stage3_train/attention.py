@@ -128,56 +128,83 @@ def _causal_backward(dout, q, k, v, out, lse, seg: Segments, scale: float, aux):
 
 
 # ---------------------------------------------------------------- diagonal terms (elementwise, chunked over tokens)
-def _diag_scores(q_NhD, k_NkD, scale: float) -> torch.Tensor:
-    """s[n, h] = scale * q[n, h] . k[n, h // G], fp32 [N, Hq]."""
-    N, Hq, D = q_NhD.shape
-    Hkv = k_NkD.shape[1]
-    qg = _acc(q_NhD.view(N, Hkv, Hq // Hkv, D))
-    return (qg * _acc(k_NkD[:, :, None])).sum(-1).view(N, Hq) * scale
+# Per-key kernels with fixed signatures, so one torch.compile graph serves every TTT depth (see compile_kernels).
+def _diag_add(q_nkgD, k_nkD, v_nkD, m_nkg, z_nkg, acc_nkgD, scale: float):
+    """Online-softmax update with one diagonal key: s = scale q.k; rescale the running (max m, sum z, acc)."""
+    s = (_acc(q_nkgD) * _acc(k_nkD[:, :, None])).sum(-1) * scale
+    m_new = torch.maximum(m_nkg, s)
+    alpha, beta = torch.exp(m_nkg - m_new), torch.exp(s - m_new)
+    return m_new, z_nkg * alpha + beta, acc_nkgD * alpha[..., None] + beta[..., None] * _acc(v_nkD[:, :, None])
+
+
+def _diag_finish(m_nkg, z_nkg, acc_nkgD, dtype: torch.dtype):
+    return (acc_nkgD / z_nkg[..., None]).to(dtype), m_nkg + torch.log(z_nkg)
+
+
+def _diag_grad(q_nkgD, k_nkD, v_nkD, do_nkgD, delta_nkg, lse_nkg, scale: float):
+    """p = e^{s - lse}; ds = p (dO.v - delta) -> (dq contribution fp32, dk, dv) of one diagonal key."""
+    s = (_acc(q_nkgD) * _acc(k_nkD[:, :, None])).sum(-1) * scale
+    p = torch.exp(s - lse_nkg)
+    ds = p * ((_acc(do_nkgD) * _acc(v_nkD[:, :, None])).sum(-1) - delta_nkg) * scale
+    dq = ds[..., None] * _acc(k_nkD[:, :, None])
+    dk = (ds[..., None] * _acc(q_nkgD)).sum(2).to(k_nkD.dtype)
+    dv = (p[..., None] * _acc(do_nkgD)).sum(2).to(v_nkD.dtype)
+    return dq, dk, dv
+
+
+def _delta(do_nkgD, out_nkgD):
+    return (_acc(do_nkgD) * _acc(out_nkgD)).sum(-1)
+
+
+_K = {"add": _diag_add, "finish": _diag_finish, "grad": _diag_grad, "delta": _delta}
+
+
+def compile_kernels() -> None:
+    """torch.compile the elementwise diagonal kernels (GPU speed; dynamic shapes, one graph each)."""
+    for name, fn in list(_K.items()):
+        _K[name] = torch.compile(fn, dynamic=True)
 
 
 def _merge_forward(q, out_c, lse_c_hN, keys, values, scale: float):
-    """Merge the causal block with the diagonal keys -> out [N, Hq, D] (q.dtype), lse [Hq, N] fp32."""
+    """Merge the causal block with the diagonal keys -> out [N, Hq, D] (q.dtype), lse [Hq, N] (fp32)."""
     N, Hq, D = q.shape
     Hkv = keys[0].shape[1]
+    G = Hq // Hkv
     out = torch.empty_like(out_c)
     lse = torch.empty_like(lse_c_hN)
     for a in range(0, N, _ROW_CHUNK):
         b = min(a + _ROW_CHUNK, N)
-        s_JNh = torch.stack([_diag_scores(q[a:b], k[a:b], scale) for k in keys])
-        lse_c = lse_c_hN[:, a:b].t()
-        m = torch.maximum(lse_c, s_JNh.amax(0))
-        w_c, w_J = torch.exp(lse_c - m), torch.exp(s_JNh - m)
-        z = w_c + w_J.sum(0)
-        acc = (w_c / z)[..., None] * _acc(out_c[a:b])
-        for w, v in zip(w_J, values):
-            acc += ((w / z).view(b - a, Hkv, Hq // Hkv, 1) * _acc(v[a:b, :, None])).view(b - a, Hq, D)
-        out[a:b] = acc.to(out.dtype)
-        lse[:, a:b] = (m + torch.log(z)).t()
+        n = b - a
+        q_g = q[a:b].view(n, Hkv, G, D)
+        m = lse_c_hN[:, a:b].t().reshape(n, Hkv, G)          # the causal block enters with weight e^{lse_c}
+        z = torch.ones_like(m)
+        acc = _acc(out_c[a:b]).view(n, Hkv, G, D)
+        for k, v in zip(keys, values):
+            m, z, acc = _K["add"](q_g, k[a:b], v[a:b], m, z, acc, scale)
+        o, l = _K["finish"](m, z, acc, out.dtype)
+        out[a:b] = o.view(n, Hq, D)
+        lse[:, a:b] = l.view(n, Hq).t()
     return out, lse
 
 
 def _merge_backward(dout, q, out, lse_hN, keys, values, scale: float):
-    """Gradient contributions of the diagonal terms: dq_diag fp32 [N, Hq, D], dk_j, dv_j [N, Hkv, D]."""
+    """Gradient contributions of the diagonal terms: dq_diag [N, Hq, D] (fp32), dk_j, dv_j [N, Hkv, D]."""
     N, Hq, D = q.shape
-    Hkv, G = keys[0].shape[1], Hq // keys[0].shape[1]
-    dq = torch.zeros_like(_acc(q[:1])).expand(q.shape).contiguous()
+    Hkv = keys[0].shape[1]
+    G = Hq // Hkv
+    dq = torch.zeros(q.shape, dtype=_acc(q[:1]).dtype, device=q.device)
     dks = [torch.empty_like(k) for k in keys]
     dvs = [torch.empty_like(v) for v in values]
     for a in range(0, N, _ROW_CHUNK):
         b = min(a + _ROW_CHUNK, N)
         n = b - a
-        do_g = _acc(dout[a:b]).view(n, Hkv, G, D)
-        delta = (_acc(dout[a:b]) * _acc(out[a:b])).sum(-1)  # D = rowsum(dO * out) [n, Hq]
-        lse = lse_hN[:, a:b].t()
-        q_g = _acc(q[a:b]).view(n, Hkv, G, D)
+        q_g, do_g = q[a:b].view(n, Hkv, G, D), dout[a:b].view(n, Hkv, G, D)
+        delta = _K["delta"](do_g, out[a:b].view(n, Hkv, G, D))  # D = rowsum(dO * out)
+        lse = lse_hN[:, a:b].t().reshape(n, Hkv, G)
+        dq_g = dq[a:b].view(n, Hkv, G, D)
         for j, (k, v) in enumerate(zip(keys, values)):
-            p = torch.exp(_diag_scores(q[a:b], k[a:b], scale) - lse)        # [n, Hq]
-            dp = (do_g * _acc(v[a:b, :, None])).sum(-1).view(n, Hq)
-            ds = (p * (dp - delta) * scale).view(n, Hkv, G, 1)
-            dq[a:b] += (ds * _acc(k[a:b, :, None])).view(n, Hq, D)
-            dks[j][a:b] = (ds * q_g).sum(2).to(k.dtype)
-            dvs[j][a:b] = (p.view(n, Hkv, G, 1) * do_g).sum(2).to(v.dtype)
+            dq_j, dks[j][a:b], dvs[j][a:b] = _K["grad"](q_g, k[a:b], v[a:b], do_g, delta, lse, scale)
+            dq_g += dq_j
     return dq, dks, dvs
 
 

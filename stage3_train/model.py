@@ -30,7 +30,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from stage3_train.attention import Segments, ttt_attention
-from stage3_train.loss import linear_cross_entropy
+from stage3_train import attention as _attention
+from stage3_train import loss as _loss
+from stage3_train.loss import HeadGrad, linear_cross_entropy
 
 
 @dataclass
@@ -114,18 +116,45 @@ def rope_parameters_of(cfg: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm, computed in fp32 and cast back before the weight (HF and vLLM `forward_native` order)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
+
+def apply_rope(x_NhD: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (HF/vLLM neox-style halves)."""
+    x1, x2 = x_NhD.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x_NhD * cos_ND[:, None] + rotated * sin_ND[:, None]
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+MLP_CHUNK_TOKENS = 32768  # rows longer than this run the MLP in checkpointed token chunks
+_K = {"rms_norm": rms_norm, "rope": apply_rope, "silu_mul": silu_mul}
+
+
+def compile_hot_paths() -> None:
+    """torch.compile the small elementwise pieces (norms, RoPE, SwiGLU, the attention's diagonal terms, the loss's
+    softmax): one fused kernel each on GPU, same maths. Call once before training on CUDA; CPU tests stay eager."""
+    for name, fn in list(_K.items()):
+        _K[name] = torch.compile(fn, dynamic=True)
+    _attention.compile_kernels()
+    _loss.compile_kernels()
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _K["rms_norm"](x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -149,13 +178,6 @@ class Rotary(nn.Module):
         return cos_1ND[0], sin_1ND[0]
 
 
-def apply_rope(x_NhD: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin (HF/vLLM neox-style halves)."""
-    x1, x2 = x_NhD.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x_NhD * cos_ND[:, None] + rotated * sin_ND[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: DraftConfig) -> None:
         super().__init__()
@@ -174,8 +196,8 @@ class Attention(nn.Module):
         diagonal keys of steps 1..i-1. Empty at step 0 (then the step attends causally to its own keys).
         """
         N = x_N2H.shape[0]
-        q_NhD = apply_rope(self.q_proj(x_N2H).view(N, self.num_heads, self.head_dim), cos_ND, sin_ND)
-        k_NkD = apply_rope(self.k_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim), cos_ND, sin_ND)
+        q_NhD = _K["rope"](self.q_proj(x_N2H).view(N, self.num_heads, self.head_dim), cos_ND, sin_ND)
+        k_NkD = _K["rope"](self.k_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim), cos_ND, sin_ND)
         v_NkD = self.v_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim)
         keys, values = (*cache[0], k_NkD), (*cache[1], v_NkD)
         o_NhD = ttt_attention(q_NhD, keys, values, segments)
@@ -189,8 +211,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_K["silu_mul"](self.gate_proj(x), self.up_proj(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Long rows: token chunks, each recomputed in backward, so the [N, intermediate] activations exist for one
+        # chunk at a time (3 x 14336 x 2 bytes per token would dominate memory at 128K+ tokens).
+        if x.shape[0] <= MLP_CHUNK_TOKENS or not torch.is_grad_enabled():
+            return self._swiglu(x)
+        return torch.cat([activation_checkpoint(self._swiglu, c, use_reentrant=False)
+                          for c in x.split(MLP_CHUNK_TOKENS)])
 
 
 class DecoderLayer(nn.Module):
@@ -220,7 +250,8 @@ class DraftStep(NamedTuple):
     k: torch.Tensor                # [N, Hkv, D] this step's keys (post-RoPE), for later steps' diagonal terms
     v: torch.Tensor                # [N, Hkv, D]
     normed: torch.Tensor | None    # [N, H] norm(hidden), lm_head input; None when labels were given
-    ce_sum: torch.Tensor | None    # scalar fp32: sum of CE over labels >= 0 (differentiable); None without labels
+    loss: torch.Tensor | None      # scalar fp32: loss_weight * ce_sum (differentiable); None without labels
+    ce_sum: torch.Tensor | None    # scalar fp32: sum of CE over labels >= 0 (detached)
     correct: torch.Tensor | None   # scalar int64: argmax == label count (detached)
 
 
@@ -278,14 +309,16 @@ class Eagle3Draft(nn.Module):
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: Segments,
                 cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ()),
                 labels: torch.Tensor | None = None, *, project: bool = False, checkpoint: bool = False,
+                loss_weight: float = 1.0, head_grad: HeadGrad | None = None,
                 loss_chunk: int | None = None) -> DraftStep:
         """One draft (TTT) step over N flat tokens.
 
         hidden: [N, num_aux*H_t] target features when `project` (step 0, goes through fc), else [N, H] (the previous
         step's `DraftStep.hidden`); input_ids [N] the tokens to embed; position_ids [N] RoPE positions; cache: the
         earlier steps' (keys, values), see `Attention.forward`. labels [N] draft ids (-100 = ignored): the step also
-        returns the summed CE through the fused lm_head + cross-entropy (no [N, Vd] logits kept). checkpoint: recompute
-        the decoder layer in backward (only its inputs are kept).
+        returns loss_weight * (summed CE) through the fused lm_head + cross-entropy (no [N, Vd] logits kept);
+        head_grad shares one lm_head grad accumulator between steps whose losses are summed (loss.py).
+        checkpoint: recompute the decoder layer in backward (only its inputs are kept).
         """
         if project:
             hidden = self.fc(hidden.to(self.fc.weight.dtype))
@@ -296,9 +329,10 @@ class Eagle3Draft(nn.Module):
         else:
             out_NH, normed_NH, k, v = self._layer(hidden, input_ids, position_ids, segments, cache)
         if labels is None:
-            return DraftStep(out_NH, k, v, normed_NH, None, None)
-        ce_sum, correct = linear_cross_entropy(normed_NH, self.lm_head.weight, labels, chunk_size=loss_chunk)
-        return DraftStep(out_NH, k, v, None, ce_sum, correct)
+            return DraftStep(out_NH, k, v, normed_NH, None, None, None)
+        loss, ce_sum, correct = linear_cross_entropy(normed_NH, self.lm_head.weight, labels, chunk_size=loss_chunk,
+                                                     loss_weight=loss_weight, head_grad=head_grad)
+        return DraftStep(out_NH, k, v, None, loss, ce_sum, correct)
 
     def compute_logits(self, normed_NH: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits [N, Vd] (evaluation only: training never materialises them)."""

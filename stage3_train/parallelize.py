@@ -11,7 +11,8 @@
    compute dtype, never all-gathered, no gradient, no optimizer state.
    `reshard_after_forward=False` for the layer: TTT calls it k times per step, and one layer's bf16 copy is
    small, so it stays gathered through forward instead of k all-gathers (ZeRO-2-like for the layer).
-4. Gradient reduction sums instead of averaging over ranks (`set_gradient_divide_factor(1)`): the loss is
+4. Gradient reduction sums instead of averaging over ranks (`set_gradient_divide_factor(1)` with plain SUM
+   collectives, which gloo also has): the loss is
    already normalised by the globally reduced count of valid positions, so the global gradient is the sum of
    the per-rank gradients.
 """
@@ -39,4 +40,5 @@ def parallelize(model: nn.Module, *, mesh: DeviceMesh, param_dtype: str = "bfloa
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # per FSDP unit: sum over ranks, do not average
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM; NCCL zero-copy)
     return activation_checkpointing

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from stage3_train.attention import Segments
-from stage3_train.loss import IGNORE
+from stage3_train.loss import IGNORE, HeadGrad
 
 
 @dataclass
@@ -112,17 +112,20 @@ def ttt_forward(model, batch: PackedBatch, step_weights: torch.Tensor, ttt_steps
     values: list[torch.Tensor] = []
     loss = torch.zeros((), device=hidden.device)
     ce_sums, corrects = [], []
+    head_grad = HeadGrad()  # one fp32 lm_head grad buffer for the k steps (their losses are summed below)
+    weights = step_weights.detach().double().cpu().tolist()
     for i in range(ttt_steps):
         ids_N = _shift_left(batch.input_ids, 1 + i, fill=0).reshape(-1)
         label_BT = to_draft_V[_shift_left(batch.target_ids.long(), 1 + i, fill=0)]
         labels_N = torch.where(valid_kBT[i], label_BT, IGNORE).reshape(-1)
         pos_N = (batch.position_ids + i if shift_positions else batch.position_ids).reshape(-1)
         step = model(hidden, ids_N, pos_N, segments, (tuple(keys), tuple(values)), labels_N,
-                     project=(i == 0), checkpoint=checkpoint, loss_chunk=loss_chunk)
+                     project=(i == 0), checkpoint=checkpoint, loss_weight=weights[i], head_grad=head_grad,
+                     loss_chunk=loss_chunk)
         hidden = step.hidden
         keys.append(step.k)
         values.append(step.v)
-        loss = loss + step_weights[i].to(step.ce_sum.dtype) * step.ce_sum
-        ce_sums.append(step.ce_sum.detach().float())
+        loss = loss + step.loss
+        ce_sums.append(step.ce_sum.float())
         corrects.append(step.correct)
     return TTTOutput(loss, torch.stack(ce_sums), torch.stack(corrects), valid_kBT.sum((1, 2)))

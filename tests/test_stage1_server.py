@@ -112,7 +112,7 @@ def test_cli_kill9_then_resume_loses_and_duplicates_nothing(vllm_server, tmp_pat
     line = re.search(r"accounting: input (\d+) = written (\d+) \+ skipped (\d+) \+ failed (\d+) \(resumed (\d+)",
                      done.stdout)
     assert line, done.stdout
-    assert [int(x) for x in line.groups()[:4]] == [14, 12, 1, 1] and int(line.group(5)) >= len(before) - 1
+    assert [int(x) for x in line.groups()[:4]] == [14, 12, 1, 1] and int(line.group(5)) == len(before)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["accounting"] == {"input": 14, "written": 12, "skipped": 1, "failed": 1}
     after = [c for c in load_conversations(out)]
@@ -143,7 +143,8 @@ def _pgid_members(pgid: int) -> list[int]:
 def test_ctrl_c_leaves_no_server_process(smollm2_dir, tmp_path):
     _write_input(tmp_path / "in.jsonl")
     out = tmp_path / "out"
-    cmd = _cli(out, tmp_path / "in.jsonl", f"target.path={smollm2_dir}", "sample.server.launch=true")
+    cmd = _cli(out, tmp_path / "in.jsonl", f"target.path={smollm2_dir}", "sample.server.launch=true",
+               "sample.server.extra_args=[--enforce-eager]")  # no compilation: a faster start-up
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while _rows_on_disk(out) < 1 and proc.poll() is None and time.monotonic() < deadline:

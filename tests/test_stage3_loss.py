@@ -14,8 +14,10 @@ def test_matches_cross_entropy(chunk):
     w = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[::3] = IGNORE
-    ce, correct = linear_cross_entropy(h, w, labels, chunk_size=chunk)
-    (1.7 * ce).backward()
+    ce, raw, correct = linear_cross_entropy(h, w, labels, chunk_size=chunk, loss_weight=0.5)
+    (3.4 * ce).backward()
+    torch.testing.assert_close(raw, 2 * ce.detach())
+    ce = raw
     h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     logits = h2 @ w2.t()
     ref = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
@@ -34,7 +36,7 @@ def test_frozen_head_no_grad_and_bf16():
     w = torch.randn(50, 32, generator=g).bfloat16()              # frozen head: no grad_W is computed
     labels = torch.randint(0, 50, (40,), generator=g)
     labels[5:9] = IGNORE
-    ce, _ = linear_cross_entropy(h, w, labels, chunk_size=16)
+    ce, _, _ = linear_cross_entropy(h, w, labels, chunk_size=16)
     ce.backward()
     h32 = h.detach().float().requires_grad_()
     ref = F.cross_entropy(h32 @ w.float().t(), labels, ignore_index=IGNORE, reduction="sum")
@@ -44,7 +46,7 @@ def test_frozen_head_no_grad_and_bf16():
     assert rel < 1e-2, rel
     assert h.grad[5:9].abs().sum() == 0
     with torch.no_grad():
-        ce2, correct2 = linear_cross_entropy(h, w, labels)
+        ce2, _, correct2 = linear_cross_entropy(h, w, labels)
     torch.testing.assert_close(ce2, ce.detach())
 
 
@@ -53,3 +55,23 @@ def test_bad_shapes():
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long))
+
+
+def test_shared_head_grad_accumulator():
+    """k calls summed into one loss, one fp32 grad_W buffer: same gradients as separate cross-entropies."""
+    from stage3_train.loss import HeadGrad
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    hs = [torch.randn(9, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    labels = [torch.randint(0, 11, (9,), generator=g) for _ in range(3)]
+    acc = HeadGrad()
+    total = sum(linear_cross_entropy(h, w, y, chunk_size=4, loss_weight=0.8 ** i, head_grad=acc)[0]
+                for i, (h, y) in enumerate(zip(hs, labels)))
+    (2.0 * total).backward()
+    got = [w.grad.clone(), *(h.grad.clone() for h in hs)]
+    for t in (w, *hs):
+        t.grad = None
+    ref = sum(0.8 ** i * F.cross_entropy(h @ w.t(), y, reduction="sum") for i, (h, y) in enumerate(zip(hs, labels)))
+    (2.0 * ref).backward()
+    for a, t in zip(got, (w, *hs)):
+        torch.testing.assert_close(a, t.grad)

@@ -130,3 +130,18 @@ def test_step_matches_vllm_layer_maths():
     torch.testing.assert_close(step.hidden, h, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(step.normed, rms(h, model.norm.weight), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(step.k.transpose(0, 1)[None], k, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_token_chunks_same_result(monkeypatch):
+    import stage3_train.model as model_mod
+
+    cfg = DraftConfig.from_target_config(TINY)
+    mlp = model_mod.MLP(cfg).double()
+    x = torch.randn(10, 32, dtype=torch.float64, requires_grad=True)
+    y_full = mlp(x)
+    g_full = torch.autograd.grad(y_full.square().sum(), x)[0]
+    monkeypatch.setattr(model_mod, "MLP_CHUNK_TOKENS", 4)  # 3 checkpointed chunks
+    y = mlp(x)
+    g = torch.autograd.grad(y.square().sum(), x)[0]
+    torch.testing.assert_close(y, y_full)
+    torch.testing.assert_close(g, g_full)

@@ -1,0 +1,123 @@
+"""Shards, reader, vocabulary and inspect on hand-made rows (no model)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stage2_hidden import inspect as inspect_mod
+from stage2_hidden.reader import ShardDataset
+from stage2_hidden.shards import write_shards
+from stage2_hidden.vocab import build_vocab, load_vocab
+
+H, LAYERS, V = 576, [2, 15, 27], 50
+
+
+def make_rows(n: int, seed: int = 0, lengths=None):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        T = lengths[i] if lengths else 20 + 7 * i
+        rows.append({"id": f"c{i}", "input_ids": torch.randint(0, V, (T,), generator=g, dtype=torch.int32),
+                     "loss_mask": (torch.rand(T, generator=g) < 0.5).to(torch.uint8),
+                     "target_ids": torch.randint(0, V, (T,), generator=g, dtype=torch.int32),
+                     "hidden": torch.randn(T, 3 * H, generator=g).to(torch.bfloat16)})
+    return rows
+
+
+FIELDS = {"layer_ids": LAYERS, "hidden_size": H, "vocab_size": V, "target": {"name": "test"}, "max_length": 4096}
+
+
+def test_round_trip(tmp_path):
+    rows = make_rows(5)
+    manifest = write_shards(tmp_path, rows, FIELDS, rows_per_shard=2, draft_vocab_size=20)
+    assert [s["rows"] for s in manifest["shards"]] == [2, 2, 1]
+    ds = ShardDataset(tmp_path, verify=True)
+    assert len(ds) == 5 and ds.manifest["draft_vocab_size"] == 20
+    for i, ref in enumerate(rows):
+        row = ds[i]
+        assert row["id"] == ref["id"] and ds.num_tokens(i) == len(ref["input_ids"])
+        for key in ("input_ids", "loss_mask", "target_ids"):
+            assert torch.equal(row[key], ref[key].to(row[key].dtype))
+        assert row["hidden"].dtype == torch.bfloat16 and row["hidden"].shape == (len(ref["input_ids"]), 3 * H)
+        assert torch.equal(row["hidden"], ref["hidden"])
+
+
+def test_zero_copy(tmp_path):
+    write_shards(tmp_path, make_rows(2), FIELDS, rows_per_shard=2)
+    ds = ShardDataset(tmp_path)
+    a, b = ds[0]["hidden"], ds[0]["hidden"]
+    assert a.data_ptr() == b.data_ptr()  # both view the same mapped bytes
+    mapped = ds._readers[0].get_batch(0).column("hidden").buffers()[2]  # the bytes in the memory map
+    assert a.data_ptr() == mapped.address and not mapped.is_mutable
+
+
+def test_bytes_per_token_within_2_percent(tmp_path):
+    m = write_shards(tmp_path, make_rows(4, lengths=[300, 500, 200, 800]), FIELDS, rows_per_shard=2)
+    expected = 3 * H * 2 + 9
+    assert abs(m["bytes_per_token"] / expected - 1) < 0.02, m["bytes_per_token"]
+
+
+def test_truncated_shard_named(tmp_path):
+    write_shards(tmp_path, make_rows(4), FIELDS, rows_per_shard=2)
+    path = tmp_path / "shard-00001.arrow"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="shard-00001.arrow"):
+        ShardDataset(tmp_path)
+
+
+def test_corrupted_shard_named(tmp_path):
+    write_shards(tmp_path, make_rows(4), FIELDS, rows_per_shard=2)
+    path = tmp_path / "shard-00000.arrow"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit inside the hidden bytes: same size, still parses
+    path.write_bytes(bytes(data))
+    ds = ShardDataset(tmp_path)  # opening checks structure only
+    with pytest.raises(ValueError, match="shard-00000.arrow.*sha256"):
+        ds.verify()
+    with pytest.raises(ValueError, match="shard-00000.arrow"):
+        ShardDataset(tmp_path, verify=True)
+    assert inspect_mod.main([str(tmp_path)]) == 1
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(ValueError, match="manifest.json"):
+        ShardDataset(tmp_path)
+
+
+def test_build_vocab_by_hand():
+    counts = np.array([5, 0, 9, 9, 1, 7, 0, 3], dtype=np.int64)
+    d2t, t2d, coverage = build_vocab(counts, 3)
+    # top 3 by count: 2 (9), 3 (9, tie -> smaller id first), 5 (7); sorted ascending: [2, 3, 5]
+    assert d2t.tolist() == [2, 2, 3] and d2t.dtype == torch.int64
+    assert torch.nonzero(t2d).flatten().tolist() == [2, 3, 5]
+    assert coverage == pytest.approx(25 / 34)
+    with pytest.raises(ValueError):
+        build_vocab(counts, 9)
+
+
+def test_vocab_round_trip(tmp_path):
+    rows = make_rows(6)
+    m = write_shards(tmp_path, rows, FIELDS, rows_per_shard=4, draft_vocab_size=16)
+    d2t, t2d = load_vocab(tmp_path)
+    assert d2t.shape == (16,) and t2d.shape == (V,) and int(t2d.sum()) == 16
+    target = torch.arange(16) + d2t               # draft -> target
+    assert torch.equal(torch.nonzero(t2d).flatten(), target)   # t2d marks exactly those
+    draft_of = torch.cumsum(t2d.long(), 0) - 1     # target -> draft index on the kept tokens
+    assert torch.equal(draft_of[target], torch.arange(16))
+    # coverage recomputed from the rows
+    masked = torch.cat([r["target_ids"][r["loss_mask"].bool()] for r in rows]).long()
+    assert m["coverage"] == pytest.approx(t2d[masked].float().mean().item())
+    # the kept tokens are the most frequent masked targets
+    counts = torch.bincount(masked, minlength=V)
+    assert counts[t2d].min() >= counts[~t2d].max()
+
+
+def test_inspect_prints_summary(tmp_path, capsys):
+    write_shards(tmp_path, make_rows(3), FIELDS, rows_per_shard=2)
+    assert inspect_mod.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer ids       [2, 15, 27]" in out and "checksums       ok (2 shards)" in out
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is True
