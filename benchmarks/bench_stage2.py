@@ -166,7 +166,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     ap.add_argument("--tokens", type=int, default=131072, help="tokens per length (at least one conversation)")
     ap.add_argument("--batch-tokens", type=int, nargs="+", default=[16384], help="packed row sizes to try")
-    ap.add_argument("--rows-per-shard", type=int, default=16)
+    ap.add_argument("--shard-tokens", type=int, default=32768,
+                    help="tokens per shard (rows_per_shard = max(1, shard_tokens // length))")
     ap.add_argument("--writer-threads", type=int, nargs="+", default=[2], help="writer thread counts to try")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="local-disk folder for the shards")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
@@ -190,10 +191,11 @@ def main() -> None:
     for length in args.lengths:
         n = max(1, args.tokens // length)
         rows = make_rows(n, length, cfg.vocab_size, seed=length)
+        rps = max(1, args.shard_tokens // length)
         for bt_eff in sorted({max(bt, length) for bt in args.batch_tokens}):
-            common = (cap, rows, bt_eff, args.rows_per_shard, width, layer_ids)
+            common = (cap, rows, bt_eff, rps, width, layer_ids)
             try:
-                timed_pass(cap, rows[:1], bt_eff, args.rows_per_shard, width, layer_ids, 1, args.tmp)  # warm-up
+                timed_pass(cap, rows[:1], bt_eff, rps, width, layer_ids, 1, args.tmp)  # warm-up
                 fwd_secs, _ = timed_pass(*common, 0, args.tmp)
                 for threads in args.writer_threads:
                     if device == "cuda":

@@ -66,7 +66,7 @@ def check_attention() -> dict:
                        [v.float().detach().requires_grad_() for v in vs])
     ref = reference_ttt_attention(q32, ks32, vs32, doc)
     want = torch.autograd.grad(ref, [q32, *ks32, *vs32], grad.float())
-    rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+    rel = lambda a, b: float((a.detach().float() - b.detach()).norm() / b.detach().norm())  # noqa: E731
     res = {"out": rel(out, ref), **{f"grad{j}": rel(a, b) for j, (a, b) in enumerate(zip(got, want))}}
     res["ok"] = all(v < 2e-2 for v in res.values())
     return res

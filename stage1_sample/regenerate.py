@@ -4,7 +4,8 @@ Every assistant turn is replaced by the target's own answer to the history befor
 already holds the target's earlier answers (so turn k is conditioned on what the target itself said at
 turns < k). Assistant turns that carry ``tool_calls`` are kept as they are: the tool messages after them
 answer those exact calls. A conversation that ends on a user or tool turn gets one more, generated,
-answer. The first failed turn fails the whole conversation (recorded with the server's message).
+answer. An assistant turn right after another one is dropped (it answers nothing new). The first failed
+turn fails the whole conversation (recorded with the server's message, e.g. the context is too long).
 """
 from __future__ import annotations
 
@@ -88,9 +89,9 @@ async def run_loop(
     bar = tqdm(total=total, unit="conv", desc="stage1", dynamic_ncols=True)
 
     def progress() -> None:
-        bar.update(1)
-        rate = tally.tokens / max(time.monotonic() - tally.start, 1e-9)
+        rate = tally.tokens / max(time.monotonic() - tally.start, 1e-9)  # generated tokens/s of this pass
         bar.set_postfix(tok_s=f"{rate:.1f}", failed=tally.failed, skipped=tally.skipped, refresh=False)
+        bar.update(1)
 
     async def one(conv: Conversation) -> None:
         try:

@@ -40,7 +40,7 @@ class TrainConfig:
     step_decay: float = 0.8        # loss weight of TTT step i is step_decay**i (normalised by the global valid count)
     activation_checkpointing: bool = True  # recompute each TTT step in backward (memory linear in T, ~+30% FLOPs)
     param_dtype: str = "bfloat16"  # FSDP2 compute dtype of params (bfloat16 | float32); master copy stays fp32
-    draft_overrides: dict[str, Any] = field(default_factory=dict)  # DraftConfig fields to override (e.g. intermediate_size)
+    draft_overrides: dict[str, Any] = field(default_factory=dict)  # DraftConfig fields to change (intermediate_size)
     # ---- optimisation ----
     steps: int = 1000              # optimizer steps
     lr: float = 1e-4               # peak learning rate (AdamW)

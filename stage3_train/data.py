@@ -16,7 +16,9 @@ micro-batch, identically.
 from __future__ import annotations
 
 import hashlib
+import queue
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -95,7 +97,8 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
     """Materialise packed rows as padded [B, T] tensors (T = longest row rounded up to pad_multiple).
 
     Returns input_ids/target_ids/position_ids long [B,T], loss_mask bool [B,T], doc_ids long [B,T] (-1 = pad),
-    hidden [B,T,3H] in the shard dtype, and `ids`: the conversation ids of each row (for error messages).
+    hidden [B,T,3H] in the shard dtype, `ids`: the conversation ids of each row (for error messages), and
+    `sq_tokens`: the sum of squared conversation lengths (attention FLOPs for MFU).
     An empty row (a rank with nothing left in a validation pass) is all padding.
     """
     longest = max([sum(s.length for s in row) for row in rows] + [1])
@@ -197,6 +200,53 @@ class PackedLoader:
             raise ValueError(f"cannot resume: {consumed} rows consumed in epoch {sd['epoch']} do not split into "
                              f"micro-batches of world_size*batch_rows = {per_step}")
         self.epoch, self.micro_step = sd["epoch"], consumed // per_step
+
+
+class Prefetcher:
+    """Collates the next micro-batches of a PackedLoader in a background thread (into pinned memory for CUDA)
+    while the device computes. `state_dict()` is the loader state after the last batch *handed out*, so a
+    checkpoint never skips the batches still waiting in the queue."""
+
+    def __init__(self, loader: PackedLoader, depth: int = 2, pin_memory: bool = False):
+        self.loader, self.pin_memory = loader, pin_memory
+        self._state = loader.state_dict()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="stage3-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = next(self.loader)
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch["_state"] = self.loader.state_dict()
+                self._queue.put(batch)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._state = item.pop("_state")
+        return item
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a put() on a full queue
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 def eval_batches(source: RowSource, indices: Sequence[int], *, max_tokens: int, batch_rows: int, rank: int,

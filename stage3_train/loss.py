@@ -32,8 +32,9 @@ class HeadGrad:
         self.taken = False
 
 
-def _ce_chunk(z_CV: torch.Tensor, y_C: torch.Tensor, need_grad: bool, grad_dtype: torch.dtype):
-    """-> (CE sum, argmax == y count, dCE/dz in grad_dtype or None) of one logits chunk; fp32 maths."""
+def _ce_chunk(z_CV: torch.Tensor, y_C: torch.Tensor, weight: torch.Tensor, need_grad: bool,
+              grad_dtype: torch.dtype):
+    """-> (CE sum, argmax == y count, weight * dCE/dz in grad_dtype or None) of one logits chunk; fp32 maths."""
     z = z_CV.float() if z_CV.dtype != torch.float64 else z_CV
     valid = y_C != IGNORE
     y_safe = torch.where(valid, y_C, 0)
@@ -44,7 +45,7 @@ def _ce_chunk(z_CV: torch.Tensor, y_C: torch.Tensor, need_grad: bool, grad_dtype
     if not need_grad:
         return ce, correct, None
     onehot = torch.arange(z.shape[1], device=z.device)[None, :] == y_safe[:, None]
-    g = (torch.exp(z - lse[:, None]) - onehot.to(z.dtype)) * valid[:, None]
+    g = (torch.exp(z - lse[:, None]) - onehot.to(z.dtype)) * (valid[:, None] * weight)
     return ce, correct, g.to(grad_dtype)
 
 
@@ -72,19 +73,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if head_grad.grad is None:
                 head_grad.grad = torch.zeros(w_VH.shape, dtype=acc_dtype, device=w_VH.device)
             grad_w = head_grad.grad
+        weight_t = torch.tensor(weight, dtype=acc_dtype, device=h_NH.device)  # a tensor: no recompile per value
         for a in range(0, N, chunk):
             h_CH = h_NH[a:a + chunk]
-            ce, ok, g_CV = _K["ce"](h_CH @ w_VH.t(), labels_N[a:a + chunk], need_h or need_w, h_NH.dtype)
+            ce, ok, g_CV = _K["ce"](h_CH @ w_VH.t(), labels_N[a:a + chunk], weight_t, need_h or need_w, h_NH.dtype)
             ce_sum += ce
             correct += ok
             if g_CV is None:
                 continue
-            if weight != 1.0:
-                g_CV = g_CV * weight
             if need_h:
                 grad_h[a:a + chunk] = g_CV @ w_VH
             if need_w:
-                grad_w += (g_CV.t() @ h_CH).to(acc_dtype)
+                grad_w.add_(g_CV.t() @ h_CH)  # fp32 += bf16 in one kernel
         ctx.head_grad, ctx.w_dtype = head_grad, w_VH.dtype
         ctx.save_for_backward(grad_h)
         raw = ce_sum.clone()

@@ -64,9 +64,12 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a project dependency; a bare GPU image may lack it
+            print("metrics: tensorboard is not installed; writing metrics.jsonl only")
+        else:
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
         if wandb_cfg is not None and getattr(wandb_cfg, "project", None):
             try:
                 import wandb
@@ -96,10 +99,11 @@ class MetricsLogger:
         for k, v in metrics.items():
             if isinstance(v, (list, tuple)):
                 flat.update({f"{k}_{i}": x for i, x in enumerate(v)})
-            elif isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+            elif isinstance(v, (int, float)) and math.isfinite(v):
                 flat[k] = v
-        for k, v in flat.items():
-            self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.tb is not None:
+            for k, v in flat.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in flat.items()}, step=step)
 
@@ -108,7 +112,8 @@ class MetricsLogger:
         if not self.enabled:
             return None
         self.enabled = False  # idempotent
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
         return plot_curves(self.jsonl, self.run_dir / "curves.png")
@@ -116,8 +121,11 @@ class MetricsLogger:
 
 def plot_curves(jsonl: Path, png: Path) -> Path | None:
     """Loss and per-TTT-step accuracy, train and validation, from metrics.jsonl (covers resumed runs too)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a project dependency; a bare GPU image may lack it
+        print("metrics: matplotlib is not installed; no curves.png")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -27,7 +27,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from stage3_train import checkpoint
 from stage3_train.config import TrainConfig
-from stage3_train.data import PackedLoader, check_manifest, eval_batches, open_shards, split_rows, to_packed_batch
+from stage3_train.data import (PackedLoader, Prefetcher, check_manifest, eval_batches, open_shards, split_rows,
+                               to_packed_batch)
 from stage3_train.metrics import MetricsLogger, acceptance_length, format_line, peak_flops
 from stage3_train.parallelize import parallelize
 
@@ -141,10 +142,9 @@ def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int,
         model.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once, after the last micro-batch
         out = ttt_forward(model, b, weights_k.float(), k, checkpoint=ac)
         out.loss.backward()
-        tokens = float((b.doc_ids >= 0).sum())
-        local.append(torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double(),
-                                torch.tensor([tokens, micro[j]["sq_tokens"]], dtype=torch.float64,
-                                             device=d.device)]))
+        tokens = (b.doc_ids >= 0).sum().double()[None]  # on device: no host sync per micro-batch
+        sq_tokens = torch.tensor([micro[j]["sq_tokens"]], dtype=torch.float64).to(d.device, non_blocking=True)
+        local.append(torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double(), tokens, sq_tokens]))
     per_micro = torch.stack(local)               # [grad_accum, 3k+2]
     stats = per_micro.sum(0)
     dist.all_reduce(stats)
@@ -224,6 +224,8 @@ class Trainer:
     def _maybe_resume(self) -> int:
         found = checkpoint.latest(self.ckpt_root)
         if found is None:
+            if self.cfg.resume:
+                self.log(f"train.resume=true but no complete checkpoint in {self.ckpt_root}: starting at step 0")
             return 0
         if not self.cfg.resume:
             raise ValueError(f"{self.ckpt_root} already holds checkpoints (latest {found.name}); set "
@@ -239,7 +241,7 @@ class Trainer:
             print(f"[stage3] {text}", flush=True)
 
     def save(self) -> None:
-        train_state = {"scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+        train_state = {"scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(),
                        "world_size": self.d.world, "config": self.cfg.to_dict()}
         folder = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, train_state, self.meta,
                                  self.cfg.keep_ckpts)
@@ -274,11 +276,14 @@ class Trainer:
         cfg = self.cfg
         self.log(f"{len(self.ds)} conversations ({len(self.val_idx)} held out), world {self.d.world}, "
                  f"{self.loader.steps_per_epoch() // cfg.grad_accum} steps/epoch, from step {self.step} to {cfg.steps}")
+        self.batches = Prefetcher(self.loader, pin_memory=self.d.device.type == "cuda")
         try:
             self._loop()
         except BaseException:
             self.metrics.close()  # keep the curves up to the failure; no checkpoint is written for the bad step
             raise
+        finally:
+            self.batches.close()
         return self.finish()
 
     def _loop(self) -> None:
@@ -287,7 +292,7 @@ class Trainer:
         t0 = t_run = time.perf_counter()
         start, last_val = self.step, None
         while self.step < cfg.steps:
-            micro = [next(self.loader) for _ in range(cfg.grad_accum)]
+            micro = [next(self.batches) for _ in range(cfg.grad_accum)]
             window += train_step(self.model, micro, k=k, decay=cfg.step_decay, ac=self.ac, step=self.step + 1,
                                  d=self.d)
             grad_norm = _clip(self.model, cfg.grad_clip, self.step + 1)

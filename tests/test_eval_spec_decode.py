@@ -9,7 +9,7 @@ from stage3_train.spec_decode import (DraftTree, Eagle3Drafter, TargetModel, Tre
                                       speculative_generate)
 from tests.fixtures.eval import OracleDrafter, random_smollm2_draft
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 NEW_TOKENS = 32
 
 
@@ -60,11 +60,13 @@ def test_tree_mask_and_accept_path():
         TreeSpec(depth=3, topk=2, num_nodes=11)
 
 
-@pytest.mark.parametrize("spec", [TreeSpec(3), TreeSpec(7), TreeSpec(4, topk=3, num_nodes=10)], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [TreeSpec(3), pytest.param(TreeSpec(7), marks=pytest.mark.slow),
+                                  TreeSpec(4, topk=3, num_nodes=10)], ids=lambda s: s.name)
 def test_real_draft_reproduces_greedy(smollm2, target, smollm2_dir, spec):
+    """A random SmolLM2-shaped EAGLE-3 draft: (almost) nothing is accepted, the output is still exactly greedy."""
     model, _, prompts, greedy = smollm2
     drafter = Eagle3Drafter(random_smollm2_draft(smollm2_dir))
-    for ids, ref in zip(prompts, greedy):
+    for ids, ref in list(zip(prompts, greedy))[:1]:
         res = speculative_generate(target, drafter, ids, NEW_TOKENS, spec, _eos(model))
         assert res.tokens == ref
         assert len(res.accepted) >= 1 and all(0 <= a <= spec.depth for a in res.accepted)

@@ -32,7 +32,8 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("param_dtype,rtol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("param_dtype,rtol",
+                         [("float32", 1e-5), pytest.param("bfloat16", 2e-2, marks=pytest.mark.slow)])
 def test_two_processes_match_one(tmp_path, tiny_stage3, param_dtype, rtol):
     target, shards = tiny_stage3
     base = dict(data=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=4, lr=3e-3, warmup_steps=1,

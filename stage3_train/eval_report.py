@@ -1,0 +1,99 @@
+"""What the offline and serving evaluations share: atomic JSON, the acceptance plot, text tables, the hydra entry."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Atomic: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _spec_entries(per_dataset: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(k, v) for k, v in per_dataset.items() if isinstance(v, dict) and "acceptance_length" in v]
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: dataset, draft shape, acceptance length, per-position acceptance, rounds, tokens."""
+    lines = ["| dataset | draft | acceptance length | per-position acceptance | rounds | tokens |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for dataset, per in results.items():
+        for spec, s in _spec_entries(per):
+            pos = " / ".join(f"{p:.3f}" for p in s["per_position"])
+            lines.append(f"| {dataset} | {spec} | {s['acceptance_length']:.3f} | {pos} | {s['rounds']} | "
+                         f"{s['generated_tokens']} |")
+    return "\n".join(lines)
+
+
+def plot_acceptance(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """One row per dataset: per-position acceptance (left) and the accepted-length histogram (right), one series per
+    draft shape. Written atomically (temp + rename)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, len(results))
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.2 * rows), squeeze=False)
+    for (dataset, per), (ax_pos, ax_hist) in zip(results.items(), axes):
+        entries = _spec_entries(per)
+        width = 0.8 / max(1, len(entries))
+        for j, (spec, s) in enumerate(entries):
+            label = f"{spec} (len {s['acceptance_length']:.2f})"
+            ax_pos.plot(range(1, len(s["per_position"]) + 1), s["per_position"], marker="o", label=label)
+            total = max(1, sum(s["histogram"]))
+            xs = [n + (j - (len(entries) - 1) / 2) * width for n in range(len(s["histogram"]))]
+            ax_hist.bar(xs, [h / total for h in s["histogram"]], width=width, label=spec)
+        ax_pos.set(title=f"{dataset}: acceptance per draft position", xlabel="draft position i",
+                   ylabel="P(accepted >= i)", ylim=(0, 1.02))
+        ax_hist.set(title=f"{dataset}: accepted draft tokens per round", xlabel="accepted tokens n",
+                    ylabel="share of rounds")
+        ax_pos.legend(fontsize=8)
+        ax_hist.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def hydra_main(config_name: str, section: str, run: Callable[[dict[str, Any]], Any]) -> None:
+    """Compose conf/<config_name>.yaml with the command-line overrides, save the resolved config into
+    `<section>.out`/config.yaml and call `run(resolved[section])`."""
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base="1.3", config_path=str(CONF), config_name=config_name)
+    def _main(cfg: DictConfig) -> None:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        out = Path(resolved[section]["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        run(resolved[section])
+
+    _main()

@@ -1,0 +1,121 @@
+"""Stage 2 end to end on the real SmolLM2-135M-Instruct: shards vs an independent HF forward, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stage2_hidden.config import HiddenConfig, TargetConfig
+from stage2_hidden.pipeline import run
+from stage2_hidden.reader import ShardDataset
+from stage2_hidden.shards import PARTS
+from stage2_hidden.vocab import load_vocab
+
+REPO = Path(__file__).resolve().parent.parent
+TOPICS = ["the sea", "a mountain", "coffee", "a library", "the moon", "trains", "rain", "a garden"]
+
+
+def write_conversations(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            t = TOPICS[i % len(TOPICS)]
+            messages = [{"role": "system", "content": "You are a concise assistant."},
+                        {"role": "user", "content": f"Tell me one fact about {t}."},
+                        {"role": "assistant", "content": f"Here is a fact about {t}: it is often described "
+                                                         f"in poems, and people have written about it for "
+                                                         f"centuries. Number {i}."},
+                        {"role": "user", "content": "Thanks! Shorter please."},
+                        {"role": "assistant", "content": f"{t.capitalize()} inspires poets."}]
+            f.write(json.dumps({"id": f"conv-{i}", "messages": messages}) + "\n")
+    return path
+
+
+def config(smollm2_dir, inp, out, **kw):
+    target = TargetConfig(name="smollm2-135m", path=str(smollm2_dir), dtype="float32", context_length=8192)
+    hidden = HiddenConfig(input=str(inp), output=str(out), rows_per_shard=2, batch_tokens=256,
+                          draft_vocab_size=64, device="cpu", **kw)
+    return target, hidden
+
+
+def test_shards_match_hf_forward(tmp_path, smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    inp = write_conversations(tmp_path / "convs.jsonl", 5)
+    manifest = run(*config(smollm2_dir, inp, tmp_path / "out"))
+    assert manifest["layer_ids"] == [2, 15, 27] and manifest["hidden_size"] == 576
+    assert manifest["num_rows"] == 5 and len(manifest["shards"]) == 3
+    assert manifest["accounting"]["input"] == 5 and manifest["accounting"]["written"] == 5
+    assert abs(manifest["bytes_per_token"] / (3 * 576 * 2 + 9) - 1) < 0.02
+    ds = ShardDataset(tmp_path / "out", verify=True)
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    for i in (0, 3):
+        row = ds[i]
+        with torch.no_grad():
+            out = ref(row["input_ids"].long()[None], output_hidden_states=True)
+        expect = torch.cat([out.hidden_states[j][0] for j in manifest["layer_ids"]], -1)
+        # stored bf16 from an fp32 forward: equal up to bf16 rounding
+        torch.testing.assert_close(row["hidden"].float(), expect, atol=2e-2, rtol=1e-2)
+        assert torch.equal(row["target_ids"].long(), out.logits[0].argmax(-1))
+        spans = tok.decode(row["input_ids"][row["loss_mask"].bool()].tolist())
+        assert spans.endswith("inspires poets.<|im_end|>") and "Tell me" not in spans
+    d2t, t2d = load_vocab(tmp_path / "out")
+    assert len(d2t) == 64 and len(t2d) == 49152 and 0 < manifest["coverage"] <= 1
+
+
+def test_too_long_skipped_and_counted(tmp_path, smollm2_dir):
+    inp = write_conversations(tmp_path / "convs.jsonl", 3)
+    manifest = run(*config(smollm2_dir, inp, tmp_path / "out", max_length=40, on_too_long="skip"))
+    assert manifest["num_rows"] == 0 and manifest["shards"] == []
+    assert manifest["accounting"]["skipped"] == {"too_long": 3}
+
+
+def test_settings_change_refused(tmp_path, smollm2_dir):
+    inp = write_conversations(tmp_path / "convs.jsonl", 2)
+    run(*config(smollm2_dir, inp, tmp_path / "out"))
+    with pytest.raises(ValueError, match="other settings.*layer_ids"):
+        run(*config(smollm2_dir, inp, tmp_path / "out", layer_ids=[1, 2, 3]))
+
+
+def _cli(smollm2_dir, inp, out) -> list[str]:
+    return [sys.executable, "-m", "stage2_hidden", f"target.path={smollm2_dir}", "target.dtype=float32",
+            f"hidden.input={inp}", f"hidden.output={out}", "hidden.rows_per_shard=2", "hidden.batch_tokens=128",
+            "hidden.device=cpu", "hidden.draft_vocab_size=64", f"hydra.run.dir={out}/.hydra"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_byte_identical(tmp_path, smollm2_dir):
+    inp = write_conversations(tmp_path / "convs.jsonl", 8)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_cli(smollm2_dir, inp, clean), check=True, cwd=REPO, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_cli(smollm2_dir, inp, killed), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # kill once shard 0 is complete and a later shard is half-written (writer threads run in parallel)
+    while not ((killed / "shard-00000.arrow").exists() and list(killed.glob(".tmp-shard-*"))):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "shard-00000.arrow").exists() and not (killed / "manifest.json").exists()
+    (killed / PARTS / "shard-00000.arrow.json").unlink(missing_ok=True)  # as if killed before the part file
+    subprocess.run(_cli(smollm2_dir, inp, killed), check=True, cwd=REPO, env=env, capture_output=True)
+
+    names = sorted(p.name for p in clean.glob("shard-*.arrow"))
+    assert names == sorted(p.name for p in killed.glob("shard-*.arrow")) and len(names) == 4
+    for name in names + ["vocab.safetensors"]:
+        assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
+    timing = ("created_at", "elapsed_s")
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (clean, killed))
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert not list(killed.glob(".tmp-*"))
+    assert (killed / "config.yaml").exists()
