@@ -91,21 +91,29 @@ def acceptance_summary(results: list[SpecResult], depth: int) -> dict[str, Any]:
             "generated_tokens": sum(len(r.tokens) for r in results), "answers": len(results)}
 
 
-def load_draft(spec: str | Path, target_dir: str | Path, device: torch.device, dtype: torch.dtype):
-    """(Eagle3Draft on device/dtype, export config.json) from an export folder or a training checkpoint."""
+@torch.no_grad()
+def load_draft(spec: str | Path, target_model, device: torch.device, dtype: torch.dtype):
+    """(Eagle3Draft on device/dtype, export config.json) from an export folder or a training checkpoint (exported
+    to a temporary folder first: evaluated is exactly what vLLM would serve, bf16 weights included). The frozen
+    embeddings are the loaded target's, as in the engines."""
     from stage3_train import export
 
     spec = Path(spec)
     if (spec / "config.json").is_file():
         config, _ = export.read_export(spec)
-        draft = export.draft_from_export(spec, target_dir if Path(target_dir).is_dir() else None)
+        draft = export.draft_from_export(spec)
     elif spec.is_dir():
-        with tempfile.TemporaryDirectory() as tmp:   # checkpoint -> the exact folder vLLM would serve
+        with tempfile.TemporaryDirectory() as tmp:
             folder = export.export_checkpoint(spec, Path(tmp) / "export")
             config, _ = export.read_export(folder)
-            draft = export.draft_from_export(folder, target_dir if Path(target_dir).is_dir() else None)
+            draft = export.draft_from_export(folder)
     else:
         raise ValueError(f"draft {spec} is neither an export folder (config.json) nor a checkpoint folder")
+    embed = target_model.get_input_embeddings().weight
+    if tuple(embed.shape) != tuple(draft.embed_tokens.weight.shape):
+        raise ValueError(f"the target's embeddings {tuple(embed.shape)} do not fit the draft "
+                         f"{tuple(draft.embed_tokens.weight.shape)}: the draft was trained for another target")
+    draft.embed_tokens.weight.copy_(embed.float().cpu())
     return draft.to(device=device, dtype=dtype).eval(), config
 
 
@@ -120,10 +128,7 @@ def load_models(cfg: EvalConfig):
     tokenizer = AutoTokenizer.from_pretrained(cfg.target, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                                  use_safetensors=True).to(device)
-    draft, draft_cfg = load_draft(cfg.draft, cfg.target, device, dtype)
-    if draft.config.vocab_size != model.config.get_text_config().vocab_size:
-        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != the target's "
-                         f"{model.config.get_text_config().vocab_size}: the draft was trained for another target")
+    draft, draft_cfg = load_draft(cfg.draft, model, device, dtype)
     layer_ids = cfg.layer_ids or layer_ids_of(draft_cfg, len(model.model.layers))
     if len(layer_ids) != draft.config.num_aux_layers:
         raise ValueError(f"{len(layer_ids)} aux layers {layer_ids}, the draft's fc reads {draft.config.num_aux_layers}")

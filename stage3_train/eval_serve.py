@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from stage3_train.eval_report import write_json, write_text
 from stage3_train.prompts import load_prompts, messages_for
 
 SPEC_COUNTERS = {  # Prometheus sample names of vLLM's (v1) speculative-decoding counters
@@ -137,10 +138,11 @@ def acceptance_from_counters(before: dict[str, Any], after: dict[str, Any], k: i
             "draft_acceptance_rate": d["accepted"] / d["draft_tokens"] if d["draft_tokens"] else None}
 
 
-def scrape(url: str) -> dict[str, Any]:
+def scrape(url: str) -> tuple[dict[str, Any], str]:
+    """(spec_counters of the server's /metrics, the raw text)."""
     resp = httpx.get(url.rstrip("/") + "/metrics", timeout=30.0)
     resp.raise_for_status()
-    return spec_counters(parse_metrics(resp.text))
+    return spec_counters(parse_metrics(resp.text)), resp.text
 
 
 # ---------------------------------------------------------------- load
@@ -171,15 +173,18 @@ def bench_server(url: str, cfg: ServeBenchConfig, conversations: list[list[dict]
         warm = dataclasses.replace(cfg, max_tokens=16)
         asyncio.run(_send_all(url, warm, conversations[: cfg.warmup_requests], cfg.warmup_requests))
     passes = {}
+    name = "eagle3" if speculative else "baseline"
     for c in cfg.concurrency:
-        before = scrape(url)
+        before, _ = scrape(url)
         ids, tokens, wall = asyncio.run(_send_all(url, cfg, conversations, int(c)))
+        after, text = scrape(url)
+        write_text(Path(cfg.out) / f"metrics-{name}.txt", text)   # the last raw /metrics, for inspection
         entry: dict[str, Any] = {"requests": len(conversations), "output_tokens": tokens, "wall_s": round(wall, 3),
                                  "output_tokens_per_s": round(tokens / wall, 2), "completion_ids": ids}
         if speculative:
-            entry["spec"] = acceptance_from_counters(before, scrape(url), cfg.num_speculative_tokens)
+            entry["spec"] = acceptance_from_counters(before, after, cfg.num_speculative_tokens)
         passes[str(c)] = entry
-        print(f"[bench-serve] {'eagle3' if speculative else 'baseline'} c={c}: {tokens} tokens in {wall:.1f} s = "
+        print(f"[bench-serve] {name} c={c}: {tokens} tokens in {wall:.1f} s = "
               f"{tokens / wall:.1f} tok/s" + (f", acceptance length {entry['spec']['acceptance_length']}"
                                                 if speculative else ""), flush=True)
     return passes
@@ -235,7 +240,6 @@ def format_table(summary: dict[str, Any], k: int) -> str:
 
 def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     from stage1_sample.server import install_signal_handlers
-    from stage3_train.eval_report import write_json, write_text
 
     install_signal_handlers()
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, turns="first")

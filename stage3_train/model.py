@@ -168,7 +168,8 @@ class Rotary(nn.Module):
         hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
                          head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
                          rope_parameters=dict(cfg.rope_parameters))
-        self._hf = [LlamaRotaryEmbedding(hf)]  # a list: not a submodule, so no state-dict key, never on meta
+        with torch.device("cpu"):  # real inv_freq even when the model is built on the meta device (FSDP2 init)
+            self._hf = [LlamaRotaryEmbedding(hf)]  # a list: not a submodule, so no state-dict key, moved lazily
 
     def forward(self, x: torch.Tensor, position_ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self._hf[0]
@@ -275,7 +276,10 @@ class Eagle3Draft(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, initializer_range) linears and embedding, ones for norms (HF Llama init)."""
+        """Normal(0, initializer_range) linears and embedding, ones for norms (HF Llama init); identity vocab buffers
+        (so `to_empty` after a meta-device build leaves nothing uninitialised)."""
+        self.d2t.zero_()
+        self.t2d.copy_(torch.arange(self.config.vocab_size, device=self.t2d.device) < self.config.draft_vocab_size)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, self.config.initializer_range)

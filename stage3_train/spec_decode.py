@@ -127,6 +127,10 @@ class TargetModel:
 
     def __init__(self, model, layer_ids: list[int]):
         layers = model.model.layers
+        layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"offline evaluation supports full-attention targets only; this one has layer types "
+                             f"{sorted(set(layer_types))} (sliding windows / sinks): measure it with bench-serve")
         if not layer_ids or any(not 0 <= j < len(layers) for j in layer_ids):
             raise ValueError(f"aux layer ids {layer_ids} must lie in [0, {len(layers) - 1}]")
         self.model = model.eval().requires_grad_(False)
@@ -166,7 +170,7 @@ class TargetModel:
                                position_ids=torch.tensor([positions], device=self.device),
                                past_key_values=self.cache, use_cache=True, spec_mask=mask)
         last_nH = out.last_hidden_state[0, logits_rows]
-        greedy = self.model.lm_head(last_nH).argmax(-1).tolist()   # [rows] (never [T, V] for the prompt)
+        greedy = self.model.get_output_embeddings()(last_nH).argmax(-1).tolist()   # [rows] (never [T, V] for the prompt)
         aux_nW = torch.cat([self._saved.pop(j)[0] for j in self.layer_ids], dim=-1)
         return greedy, aux_nW
 

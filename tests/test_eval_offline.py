@@ -12,7 +12,7 @@ from stage3_train.prompts import Prompt, load_prompts, messages_for, render
 from stage3_train.spec_decode import SpecResult, TargetModel, TreeSpec
 from tests.fixtures.eval import OracleDrafter, random_smollm2_export  # noqa: F401 (fixture)
 
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 
 
 def test_acceptance_summary_by_hand():
@@ -83,7 +83,7 @@ def test_copy_draft_accepts_everything_but_the_end(smollm2_eval, k):
 def test_wrong_draft_accepts_nothing(smollm2_eval):
     target, tok, prompts, refs, eos = smollm2_eval
     drafter = OracleDrafter(refs, target.model.config.vocab_size, "wrong")
-    s = evaluate(target, drafter, tok, prompts, TreeSpec(3), NEW_TOKENS, eos)
+    s = evaluate(target, drafter, tok, prompts[1:], TreeSpec(3), NEW_TOKENS, eos)
     assert s["acceptance_length"] == 1.0 and s["per_position"] == [0.0, 0.0, 0.0]
     assert s["histogram"] == [s["rounds"], 0, 0, 0]
     assert s["rounds"] == s["generated_tokens"] - s["answers"]   # one token per target forward after the prefill

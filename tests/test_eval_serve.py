@@ -1,0 +1,90 @@
+"""Serving benchmark: /metrics parsing and acceptance arithmetic, and (slow) one real bench-serve run on the vLLM CPU
+server with an exported random SmolLM2-shaped draft."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stage3_train.eval_serve import (ServeBenchConfig, _parse_metrics_plain, _plain_args, acceptance_from_counters,
+                                     format_table, parse_metrics, run, spec_counters, summarize)
+from tests.fixtures.eval import random_smollm2_export  # noqa: F401 (fixture)
+
+# vLLM 0.32's exposition of the counters (prometheus_client: *_total and *_created samples, engine/model labels)
+METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 0.0
+# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+# TYPE vllm:spec_decode_num_drafts_total counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 40.0
+# HELP vllm:spec_decode_num_drafts_created Number of spec decoding drafts.
+# TYPE vllm:spec_decode_num_drafts_created gauge
+vllm:spec_decode_num_drafts_created{engine="0",model_name="m"} 1.7e+09
+# TYPE vllm:spec_decode_num_draft_tokens_total counter
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 120.0
+# TYPE vllm:spec_decode_num_accepted_tokens_total counter
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 30.0
+# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 20.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 8.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="2"} 2.0
+"""
+
+
+def test_parse_metrics_and_acceptance():
+    samples = parse_metrics(METRICS)
+    assert samples == _parse_metrics_plain(METRICS)      # prometheus_client's parser == the fallback
+    c = spec_counters(samples)
+    assert (c["drafts"], c["draft_tokens"], c["accepted"], c["per_pos"]) == (40, 120, 30, [20, 8, 2])
+    zero = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "per_pos": []}
+    a = acceptance_from_counters(zero, c, k=3)
+    assert a["acceptance_length"] == pytest.approx(1 + 30 / 40)
+    assert a["per_position"] == pytest.approx([0.5, 0.2, 0.05])
+    assert a["draft_acceptance_rate"] == pytest.approx(0.25)
+    later = {**c, "drafts": 50, "accepted": 36, "draft_tokens": 150, "per_pos": [24, 10, 2]}
+    assert acceptance_from_counters(c, later, k=3)["acceptance_length"] == pytest.approx(1 + 6 / 10)
+    with pytest.raises(ValueError, match="inconsistent"):
+        acceptance_from_counters(zero, {**c, "accepted": 121}, k=3)   # more than k per draft
+    with pytest.raises(ValueError, match="inconsistent"):
+        acceptance_from_counters(zero, {**c, "per_pos": [1, 1, 1]}, k=3)
+
+
+def test_summary_table_and_config(tmp_path):
+    spec = {"drafts": 10, "accepted": 5, "acceptance_length": 1.5, "per_position": [0.4, 0.1, 0.0],
+            "draft_acceptance_rate": 5 / 30}
+    results = {"baseline": {"passes": {"4": {"output_tokens_per_s": 100.0, "completion_ids": [[1, 2], [3]]}}},
+               "eagle3": {"passes": {"4": {"output_tokens_per_s": 80.0, "completion_ids": [[1, 2], [4]],
+                                           "spec": spec}}}}
+    s = summarize(results)["4"]
+    assert s["speedup"] == 0.8 and s["identical_outputs"] == "1/2" and s["acceptance_length"] == 1.5
+    assert "| 4 | 100.0 | 80.0 | 0.8 | 1.500 | 0.400 / 0.100 / 0.000 | 1/2 |" in format_table(summarize(results), 3)
+    with pytest.raises(ValueError, match="export folder"):
+        ServeBenchConfig(draft=str(tmp_path))
+    with pytest.raises(ValueError):
+        ServeBenchConfig(draft=str(tmp_path), concurrency=[])
+
+
+@pytest.mark.slow
+def test_bench_serve_on_the_real_vllm_cpu_server(smollm2_dir, random_smollm2_export, tmp_path):
+    """One speculating vLLM CPU server (~2-3 min start-up), 4 prompts x 16 tokens: the counters parse and agree."""
+    out = tmp_path / "bench"
+    cfg = _plain_args(["--plain", "--target", str(smollm2_dir), "--served-name", "smollm2-135m",
+                       "--draft", str(random_smollm2_export), "--out", str(out), "--num-prompts", "4",
+                       "--max-tokens", "16", "--concurrency", "2", "--baseline", "false",
+                       "--num-speculative-tokens", "3", "--warmup-requests", "1"])
+    report = run(cfg)
+    saved = json.loads((out / "bench_serve.json").read_text())
+    assert saved["complete"] is True
+    p = saved["results"]["eagle3"]["passes"]["2"]
+    assert p["requests"] == 4 and 4 <= p["output_tokens"] <= 64 and p["output_tokens_per_s"] > 0
+    spec = p["spec"]
+    assert spec["drafts"] > 0 and 0 <= spec["accepted"] <= 3 * spec["drafts"]
+    assert spec["drafts"] <= spec["draft_tokens"] <= 3 * spec["drafts"]
+    assert len(spec["per_position"]) == 3 and 1.0 <= spec["acceptance_length"] <= 4.0
+    assert spec["acceptance_length"] < 1.5           # a random draft accepts (almost) nothing
+    text = (out / "metrics-eagle3.txt").read_text()  # the real exposition: both parsers agree on it
+    c = spec_counters(parse_metrics(text))
+    assert c == spec_counters(_parse_metrics_plain(text))
+    assert c["drafts"] >= spec["drafts"] and len(c["per_pos"]) == 3
+    assert report["summary"]["2"]["acceptance_length"] == spec["acceptance_length"]
