@@ -141,6 +141,7 @@ def evaluate(target: TargetModel, drafter, tokenizer, prompts: list[Prompt], spe
              eos_ids: set[int], chat_template_kwargs: dict | None = None, desc: str = "") -> dict[str, Any]:
     """Decode every turn of every prompt; the summary of `acceptance_summary` plus timing."""
     results: list[SpecResult] = []
+    accepted = rounds = 0
     t0 = time.perf_counter()
     bar = tqdm(total=sum(len(p.turns) for p in prompts), desc=desc, unit="answer", dynamic_ncols=True)
     for prompt in prompts:
@@ -150,8 +151,10 @@ def evaluate(target: TargetModel, drafter, tokenizer, prompts: list[Prompt], spe
             res = speculative_generate(target, drafter, ids, max_new_tokens, spec, eos_ids)
             results.append(res)
             answers.append(tokenizer.decode([t for t in res.tokens if t not in eos_ids], skip_special_tokens=True))
+            accepted += sum(res.accepted)
+            rounds += len(res.accepted)
             bar.update(1)
-            bar.set_postfix(acc_len=f"{1 + sum(sum(r.accepted) for r in results) / max(1, sum(len(r.accepted) for r in results)):.3f}")
+            bar.set_postfix(acceptance_length=f"{1 + accepted / max(1, rounds):.3f}")
     bar.close()
     summary = acceptance_summary(results, spec.depth)
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
