@@ -70,6 +70,9 @@ def plot_acceptance(results: dict[str, dict[str, Any]], path: Path) -> Path:
                    ylabel="P(accepted >= i)", ylim=(0, 1.02))
         ax_hist.set(title=f"{dataset}: accepted draft tokens per round", xlabel="accepted tokens n",
                     ylabel="share of rounds")
+        depth = max((len(s["per_position"]) for _, s in entries), default=1)
+        ax_pos.set_xticks(range(1, depth + 1))
+        ax_hist.set_xticks(range(depth + 1))
         ax_pos.legend(fontsize=8)
         ax_hist.legend(fontsize=8)
     fig.tight_layout()

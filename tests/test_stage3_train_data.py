@@ -105,3 +105,18 @@ def test_not_enough_rows_is_a_clear_error():
     loader = PackedLoader(src, [0], max_tokens=8, batch_rows=1, rank=0, world_size=2, seed=0)
     with pytest.raises(ValueError, match="fewer than world_size"):
         next(loader)
+
+
+def test_prefetcher_hands_out_the_loader_sequence_with_consumer_state():
+    from stage3_train.data import Prefetcher
+
+    src = MemoryRows.random(n=30, lengths=[5 + i % 7 for i in range(30)], width=2, seed=6)
+    kw = dict(max_tokens=16, batch_rows=1, rank=0, world_size=1, seed=1, pad_multiple=4)
+    ref = PackedLoader(src, range(30), **kw)
+    expected = [(next(ref)["ids"], ref.state_dict()) for _ in range(12)]
+    pre = Prefetcher(PackedLoader(src, range(30), **kw), depth=3)
+    for ids, state in expected:
+        assert next(pre)["ids"] == ids
+        assert pre.state_dict() == state  # not the state of batches still queued
+    pre.close()
+    assert not pre._thread.is_alive()
