@@ -129,7 +129,8 @@ def acceptance_from_counters(before: dict[str, Any], after: dict[str, Any], k: i
     d = {key: after[key] - before[key] for key in SPEC_COUNTERS}
     per_pos = [a - b for a, b in zip(after["per_pos"], before["per_pos"] or [0.0] * len(after["per_pos"]))]
     drafts = d["drafts"]
-    if drafts < 0 or not 0 <= d["accepted"] <= k * drafts + 1e-6 or (per_pos and abs(sum(per_pos) - d["accepted"]) > 1e-6):
+    per_pos_ok = not per_pos or abs(sum(per_pos) - d["accepted"]) <= 1e-6
+    if drafts < 0 or not 0 <= d["accepted"] <= k * drafts + 1e-6 or not per_pos_ok:
         raise ValueError(f"inconsistent speculative counters: drafts {drafts}, accepted {d['accepted']}, "
                          f"per position {per_pos}, k {k}")
     return {"drafts": int(drafts), "draft_tokens": int(d["draft_tokens"]), "accepted": int(d["accepted"]),

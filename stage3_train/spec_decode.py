@@ -170,7 +170,8 @@ class TargetModel:
                                position_ids=torch.tensor([positions], device=self.device),
                                past_key_values=self.cache, use_cache=True, spec_mask=mask)
         last_nH = out.last_hidden_state[0, logits_rows]
-        greedy = self.model.get_output_embeddings()(last_nH).argmax(-1).tolist()   # [rows] (never [T, V] for the prompt)
+        # logits only for `logits_rows` (the prompt's last row in prefill): never [T, V]
+        greedy = self.model.get_output_embeddings()(last_nH).argmax(-1).tolist()
         aux_nW = torch.cat([self._saved.pop(j)[0] for j in self.layer_ids], dim=-1)
         return greedy, aux_nW
 
