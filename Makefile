@@ -4,6 +4,7 @@
 #   make sample ARGS="sample.num_prompts=16 sample.max_tokens=64"      stage 1 (Hydra overrides in ARGS)
 #   make hidden ARGS="..."            stage 2
 #   make train  ARGS="..." NPROC=8    stage 3 (torchrun when NPROC > 1)
+#   make eval / make bench-serve      acceptance length offline (HF) and served (vLLM)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ NPROC ?= 1
 PYTEST_ARGS ?=
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
 
-.PHONY: setup model sample hidden train export inspect test test-all demo clean-demo
+.PHONY: setup model sample hidden train export inspect eval bench-serve test demo
 
 setup: $(VENV)/.setup-stamp
 $(VENV)/.setup-stamp: pyproject.toml scripts/setup.sh
@@ -40,6 +41,14 @@ endif
 
 export: setup
 	$(PY) -m stage3_train.export $(CKPT) $(OUT)
+
+# Offline acceptance (HF target + draft): make eval ARGS="eval.draft=PATH eval.num_prompts=20"
+eval: model
+	$(PY) -m stage3_train.eval_offline $(ARGS)
+
+# vLLM with and without the EAGLE-3 draft: make bench-serve ARGS="bench.draft=PATH bench.concurrency=[1,4]"
+bench-serve: model
+	$(PY) -m stage3_train.eval_serve $(ARGS)
 
 # The CPU suite, real vLLM CPU server and real SmolLM2 included (.ci/run calls this).
 test: model

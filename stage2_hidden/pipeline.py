@@ -6,8 +6,9 @@ rows alone. A shard is complete iff its final file exists (shards.py); a restart
 again (cheap), skips complete shards and recomputes the others. With ``torchrun`` rank r computes
 shards r, r+W, ...; rank 0 writes the vocabulary and the manifest after a barrier.
 
-On CUDA the device->host copy of a forward's outputs goes to pinned buffers on the compute stream and a
-writer thread waits on an event before writing them, so disk I/O overlaps the next forwards.
+On CUDA the device->host copy of a forward's outputs goes to a ring of pinned buffers on a side stream and
+a writer thread waits on its event before writing them, so the copy and the disk I/O overlap the next
+forwards and the host loop never synchronises with the device.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -64,12 +66,88 @@ def plan_shards(rows: Iterator[Rendered], rows_per_shard: int | None, shard_byte
         yield index, cur
 
 
+@dataclass
+class Staged:
+    """A forward's outputs on the host: ``hidden_TW`` bf16 [T, W], ``target_T`` int32 [T]. On CUDA they
+    live in a pinned ring buffer that ``release()`` returns, and are valid once ``wait()`` returns."""
+    hidden_TW: torch.Tensor
+    target_T: torch.Tensor
+    event: "torch.cuda.Event | None" = None
+    _ring: "queue.Queue | None" = None
+    _slot: "list | None" = None
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL
+
+    def release(self) -> None:
+        if self._ring is not None:
+            self._ring.put(self._slot)
+            self._ring = None
+
+
+def staging_bytes(T: int, W: int) -> int:
+    """Bytes of one staging buffer: hidden bf16 [T, W], padded to 64 bytes, then targets int32 [T]."""
+    return (T * W * 2 + 63) // 64 * 64 + T * 4
+
+
+def staging_views(buf: torch.Tensor, T: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden bf16 [T, W], target int32 [T]) views at the start of the uint8 buffer ``buf``."""
+    off = (T * W * 2 + 63) // 64 * 64
+    return buf[: T * W * 2].view(torch.bfloat16).view(T, W), buf[off: off + T * 4].view(torch.int32)
+
+
+class HostStaging:
+    """Device->host copies of a forward's outputs into a ring of ``num_buffers`` reusable pinned buffers.
+
+    The copy runs on a side stream (ordered after the forward by ``wait_stream``), so it overlaps the next
+    forward instead of delaying it, and the host thread never waits for the device: the writer waits on
+    the copy's event. ``stage`` blocks while every buffer is still being written (back-pressure); buffers
+    are allocated once, at ``reserve_tokens`` tokens or the largest forward seen."""
+
+    def __init__(self, num_buffers: int = 3, reserve_tokens: int = 0, width: int = 0, device=None):
+        self.free: queue.Queue = queue.Queue()
+        self.reserve_tokens = int(reserve_tokens)
+        self._streams: dict = {}
+        for _ in range(max(1, num_buffers)):
+            slot = [None]  # [pinned uint8 buffer]
+            if device is not None and torch.device(device).type == "cuda" and reserve_tokens and width:
+                slot[0] = self._alloc(staging_bytes(self.reserve_tokens, width))
+            self.free.put(slot)
+
+    @staticmethod
+    def _alloc(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def stage(self, hidden_TW: torch.Tensor, target_T: torch.Tensor) -> Staged:
+        if not hidden_TW.is_cuda:
+            return Staged(hidden_TW.to(torch.bfloat16), target_T.to(torch.int32))
+        T, W = hidden_TW.shape
+        slot = self.free.get()
+        if slot[0] is None or slot[0].numel() < staging_bytes(T, W):
+            slot[0] = self._alloc(staging_bytes(max(T, self.reserve_tokens), W))
+        host_TW, host_T = staging_views(slot[0], T, W)
+        device = hidden_TW.device
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            host_TW.copy_(hidden_TW.to(torch.bfloat16), non_blocking=True)
+            host_T.copy_(target_T.to(torch.int32), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        for t in (hidden_TW, target_T):  # the allocator must not reuse them before the copy has read them
+            t.record_stream(stream)
+        return Staged(host_TW, host_T, event, self.free, slot)
+
+
 class AsyncShardWriter:
     """Writer threads: shard k is opened, filled and closed by thread k % num_threads, in job order.
 
-    Several threads write (and fsync, and hash) different shards at once, so a disk that needs queue
-    depth, or the sha256 pass, does not hold up the GPU. ``max_queue`` bounds the forwards in flight
-    per thread (each holds its pinned host buffers)."""
+    Several threads write different shards at once (each shard also hashes and flushes on its own helper
+    threads, see ``ShardWriter``), so closing one shard does not hold up the rows of the next.
+    ``max_queue`` bounds the jobs waiting per thread."""
 
     def __init__(self, out_dir: Path, schema, max_queue: int = 2, num_threads: int = 1):
         self.out_dir, self.schema = out_dir, schema
@@ -80,25 +158,27 @@ class AsyncShardWriter:
             t.start()
 
     def put(self, job) -> None:
-        """job: ("open", k) | ("rows", k, event, [(row, start, end)], hidden_TW, target_T) | ("close", k)."""
+        """job: ("open", k) | ("rows", k, Staged, [(row, start, end)]) | ("close", k)."""
         if self.error:
+            if job[0] == "rows":
+                job[2].release()
             raise RuntimeError("shard writer failed") from self.error
         self.queues[job[1] % len(self.queues)].put(job)
 
     def _loop(self, jobs: queue.Queue) -> None:
         writer = None
         while (job := jobs.get()) is not None:
-            if self.error:
-                continue
             try:
+                if self.error:
+                    continue
                 if job[0] == "open":
                     writer = ShardWriter(self.out_dir, job[1], self.schema)
                 elif job[0] == "rows":
-                    _, _, event, rows, hidden_TW, target_T = job
-                    if event is not None:
-                        event.synchronize()
+                    _, _, staged, rows = job
+                    staged.wait()
                     for row, s, e in rows:
-                        writer.write_row(row.id, row.input_ids, row.loss_mask, target_T[s:e], hidden_TW[s:e])
+                        writer.write_row(row.id, row.input_ids, row.loss_mask, staged.target_T[s:e],
+                                         staged.hidden_TW[s:e])
                 elif job[0] == "close":
                     writer.close()
                     writer = None
@@ -107,6 +187,9 @@ class AsyncShardWriter:
                 if writer is not None:
                     writer.abort()
                     writer = None
+            finally:
+                if job[0] == "rows":  # the bytes are in the page cache (or the run failed): reuse the buffer
+                    job[2].release()
 
     def finish(self) -> None:
         for q in self.queues:
@@ -117,28 +200,19 @@ class AsyncShardWriter:
             raise RuntimeError("shard writer failed") from self.error
 
 
-def capture_shard(cap: HiddenCapture, writer: AsyncShardWriter, index: int, rows: list[Rendered],
-                  batch_tokens: int) -> int:
-    """All forwards of one shard, queued for writing; returns the number of tokens."""
+def capture_shard(cap: HiddenCapture, writer: AsyncShardWriter, staging: HostStaging, index: int,
+                  rows: list[Rendered], batch_tokens: int) -> int:
+    """All forwards of one shard, queued for writing; returns the number of tokens. The host thread
+    never waits for the device here: copies are staged asynchronously and the writer waits for them."""
     writer.put(("open", index))
     for group in pack_groups([len(r.input_ids) for r in rows], batch_tokens):
-        seqs = [torch.from_numpy(rows[i].input_ids) for i in group]
-        out = cap.forward(seqs)
-        event = None
-        if out.hidden_TW.is_cuda:  # async copy to pinned memory; the writer waits on the event
-            hidden = torch.empty(out.hidden_TW.shape, dtype=torch.bfloat16, pin_memory=True)
-            target = torch.empty(out.target_T.shape, dtype=torch.int32, pin_memory=True)
-            hidden.copy_(out.hidden_TW, non_blocking=True)
-            target.copy_(out.target_T, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            hidden, target = out.hidden_TW.to(torch.bfloat16), out.target_T
+        out = cap.forward([torch.from_numpy(rows[i].input_ids) for i in group])
+        staged = staging.stage(out.hidden_TW, out.target_T)
         bounds, s = [], 0
         for i in group:
             bounds.append((rows[i], s, s + len(rows[i].input_ids)))
             s += len(rows[i].input_ids)
-        writer.put(("rows", index, event, bounds, hidden, target))
+        writer.put(("rows", index, staged, bounds))
     writer.put(("close", index))
     return sum(len(r.input_ids) for r in rows)
 
@@ -219,7 +293,7 @@ def _capture_all(plan, target, hcfg, fields, out_dir, rank, world, local_rank) -
     """Compute this rank's missing shards; returns (number of shards in the plan, tokens computed)."""
     from tqdm import tqdm
 
-    cap = writer = None
+    cap = writer = staging = None
     num_shards = tokens = 0
     bar = tqdm(desc=f"stage2 rank {rank}", unit="shard", disable=rank != 0)
     for index, rows in plan:
@@ -235,7 +309,8 @@ def _capture_all(plan, target, hcfg, fields, out_dir, rank, world, local_rank) -
             width = len(fields["layer_ids"]) * fields["hidden_size"]
             writer = AsyncShardWriter(out_dir, make_schema(width, fields["layer_ids"]), hcfg.writer_queue,
                                       hcfg.writer_threads)
-        tokens += capture_shard(cap, writer, index, rows, hcfg.batch_tokens)
+            staging = HostStaging(hcfg.writer_queue + 1, hcfg.batch_tokens, width, cap.device)
+        tokens += capture_shard(cap, writer, staging, index, rows, hcfg.batch_tokens)
         bar.set_postfix(tokens=tokens)
     bar.close()
     if writer is not None:

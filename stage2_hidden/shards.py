@@ -12,8 +12,8 @@ are ``num_aux * H * 2`` hidden + 4 input id + 4 target id + 1 mask = ``3 * H * 2
 
 Schema metadata: ``eagle3.format``, ``eagle3.hidden_dtype``, ``eagle3.hidden_width``, ``eagle3.layer_ids``.
 
-A shard is written to ``.tmp-<name>`` in the same folder (hashed and flushed row by row), fsynced and renamed to
-``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go to ``.parts/<name>.json``. A
+A shard is written to ``.tmp-<name>`` in the same folder (hashed and flushed by helper threads as it
+grows), fsynced and renamed to ``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go to ``.parts/<name>.json``. A
 file under the final name is therefore always complete; a restarted run skips it and rewrites the rest.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -88,19 +89,100 @@ def hidden_bytes(hidden) -> np.ndarray:
     return np.ascontiguousarray(hidden).reshape(-1).view(np.uint8)
 
 
-class ShardWriter:
-    """Writes one shard atomically; ``close()`` returns its manifest entry."""
+class _Follower:
+    """A helper thread that follows a file as it grows: ``step(start, end)`` runs on each new byte range.
 
-    def __init__(self, out_dir: Path, index: int, schema: pa.Schema):
+    The writer ``publish``es the file's size after each append; ``finish(size)`` waits until ``step`` has
+    covered ``size`` bytes (then runs ``last(size)``) and re-raises the helper's error, if any. Hashing and
+    flushing thus overlap the writes of the next rows instead of following each row."""
+
+    def __init__(self, step, last=None, min_bytes: int = 1):
+        self._step, self._last, self._min = step, last, int(min_bytes)
+        self._cond = threading.Condition()
+        self._size, self._final, self._error, self._stopped = 0, None, None, False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def publish(self, size: int) -> None:
+        with self._cond:
+            self._size = size
+            self._cond.notify()
+
+    def finish(self, size: int) -> None:
+        with self._cond:
+            self._size = self._final = size
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """End the thread without covering the rest (the file is being thrown away)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        done = 0
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopped and self._final is None and self._size - done < self._min:
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    size, final = self._size, self._final
+                if size > done:
+                    self._step(done, size)
+                    done = size
+                if final is not None and done >= final:
+                    if self._last is not None:
+                        self._last(final)
+                    return
+        except BaseException as e:  # re-raised by finish()
+            self._error = e
+
+
+class _Sha256Tail:
+    """sha256 of a growing file, read back from the page cache into one reused buffer (hashlib and the
+    read release the GIL, so this runs beside the forward's Python loop)."""
+
+    def __init__(self, path: Path, block: int = 1 << 24):
+        self.sha = hashlib.sha256()
+        self._file = open(path, "rb", buffering=0)
+        self._buf = memoryview(bytearray(block))
+
+    def __call__(self, start: int, end: int) -> None:
+        while start < end:
+            n = self._file.readinto(self._buf[: min(end - start, len(self._buf))])
+            if not n:
+                raise OSError(f"{self._file.name}: ended at byte {start}, expected {end}")
+            self.sha.update(self._buf[:n])
+            start += n
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ShardWriter:
+    """Writes one shard atomically; ``close()`` returns its manifest entry.
+
+    Three threads per shard: the caller appends record batches (native Arrow writes, no GIL); a hasher
+    reads the appended bytes back and updates the sha256; a flusher ``fdatasync``s them as they come, so
+    the disk works while the next rows are written and closing a shard waits for about one row."""
+
+    def __init__(self, out_dir: Path, index: int, schema: pa.Schema, flush_bytes: int = 8 << 20):
         self.out_dir, self.name, self.schema = Path(out_dir), shard_name(index), schema
         self.width = int(schema.metadata[b"eagle3.hidden_width"])
         self.tmp = self.out_dir / f".tmp-{self.name}"
         self._sink = pa.OSFile(str(self.tmp), "wb")  # native writes: no GIL held while bytes go to disk
         self._writer = pa.ipc.new_file(self._sink, schema)
-        # The file only grows by appends: after each row, hash the new bytes (read back from the page
-        # cache) and flush them to disk, so closing a shard costs one row of work, not one shard.
-        self._readback = open(self.tmp, "rb")
-        self._sha = hashlib.sha256()
+        self._hash = _Sha256Tail(self.tmp)
+        self._sync_fd = os.open(self.tmp, os.O_RDONLY)
+        self._hasher = _Follower(self._hash)
+        self._flusher = _Follower(lambda start, end: _fdatasync(self._sync_fd),
+                                  last=lambda size: os.fsync(self._sync_fd), min_bytes=flush_bytes)
         self.rows = self.tokens = self.loss_tokens = 0
 
     def write_row(self, row_id: str, input_ids, loss_mask, target_ids, hidden) -> None:
@@ -116,23 +198,35 @@ class ShardWriter:
             [pa.array([row_id], pa.string()), _list_array(ids, pa.int32()), _list_array(mask, pa.uint8()),
              _list_array(tgt, pa.int32()), hidden_arr], schema=self.schema)
         self._writer.write_batch(batch)
-        self._catch_up()
+        size = self._sink.tell()
+        self._hasher.publish(size)
+        self._flusher.publish(size)
         self.rows += 1
         self.tokens += T
         self.loss_tokens += int(mask.sum())
 
-    def _catch_up(self) -> None:
-        while chunk := self._readback.read(1 << 24):
-            self._sha.update(chunk)
-        os.fdatasync(self._readback.fileno())
+    def _finish_tail(self) -> str:
+        """Footer written and file closed: wait for the hash and the final fsync."""
+        self._writer.close()
+        size = self._sink.tell()
+        self._sink.close()
+        try:
+            self._hasher.finish(size)
+        finally:
+            try:
+                self._flusher.finish(size)
+            finally:
+                self._close_fds()
+        return self._hash.sha.hexdigest()
+
+    def _close_fds(self) -> None:
+        self._hash.close()
+        if self._sync_fd >= 0:
+            fd, self._sync_fd = self._sync_fd, -1
+            os.close(fd)
 
     def close(self) -> dict[str, Any]:
-        self._writer.close()
-        self._sink.close()
-        self._catch_up()
-        os.fsync(self._readback.fileno())
-        self._readback.close()
-        sha = self._sha.hexdigest()
+        sha = self._finish_tail()
         final = self.out_dir / self.name
         os.replace(self.tmp, final)
         _fsync_dir(self.out_dir)
@@ -144,12 +238,16 @@ class ShardWriter:
         return info
 
     def abort(self) -> None:
-        try:
-            self._writer.close()
-            self._sink.close()
-            self._readback.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        """Stop the helpers and delete the temp file (after an error; never raises a second one)."""
+        for step in (self._writer.close, self._sink.close, self._hasher.stop, self._flusher.stop, self._close_fds):
+            try:
+                step()
+            except Exception:
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def shard_info(out_dir: Path, index: int) -> dict[str, Any] | None:

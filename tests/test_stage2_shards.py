@@ -121,3 +121,70 @@ def test_inspect_prints_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layer ids       [2, 15, 27]" in out and "checksums       ok (2 shards)" in out
     assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is True
+
+
+def test_writer_hash_follows_large_rows(tmp_path):
+    """Rows larger than the hasher's 16 MiB block and the flusher's 8 MiB step: sha256 = the file's."""
+    import hashlib
+    import threading
+
+    from stage2_hidden.shards import ShardWriter, make_schema
+
+    before = threading.active_count()
+    w = ShardWriter(tmp_path, 0, make_schema(3 * H, LAYERS), flush_bytes=1 << 20)
+    for row in make_rows(3, lengths=[5000, 3, 9000]):  # 17 MB, 10 KB, 31 MB of hidden bytes
+        w.write_row(row["id"], row["input_ids"], row["loss_mask"], row["target_ids"], row["hidden"])
+    info = w.close()
+    data = (tmp_path / info["file"]).read_bytes()
+    assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["bytes"] == len(data)
+    assert info["rows"] == 3 and info["tokens"] == 14003
+    assert threading.active_count() == before and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_writer_abort_stops_helpers(tmp_path):
+    import threading
+
+    from stage2_hidden.shards import ShardWriter, make_schema
+
+    before = threading.active_count()
+    w = ShardWriter(tmp_path, 0, make_schema(3 * H, LAYERS))
+    row = make_rows(1)[0]
+    w.write_row(row["id"], row["input_ids"], row["loss_mask"], row["target_ids"], row["hidden"])
+    with pytest.raises(ValueError, match="lengths disagree"):
+        w.write_row("bad", row["input_ids"], row["loss_mask"][:-1], row["target_ids"], row["hidden"])
+    w.abort()
+    assert threading.active_count() == before and not list(tmp_path.iterdir())
+
+
+def test_async_writer_error_surfaces_and_frees_buffers(tmp_path):
+    """A failing row: the error reaches the caller and the staging buffer goes back to the ring."""
+    import queue
+
+    from stage2_hidden.pipeline import AsyncShardWriter, Staged
+    from stage2_hidden.render import Rendered
+    from stage2_hidden.shards import make_schema
+
+    ring = queue.Queue()
+    row = Rendered("c0", np.zeros(4, np.int32), np.ones(4, np.uint8), "template")
+    staged = Staged(torch.zeros(4, 3 * H, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.int32),
+                    _ring=ring, _slot=["buffer"])
+    writer = AsyncShardWriter(tmp_path, make_schema(3 * H, LAYERS), 2, 1)
+    writer.put(("open", 0))
+    writer.put(("rows", 0, staged, [(row, 0, 4)]))  # 4 ids, 3 targets
+    writer.put(("close", 0))
+    with pytest.raises(RuntimeError, match="shard writer failed"):
+        writer.finish()
+    assert ring.get_nowait() == ["buffer"] and not list(tmp_path.glob("*.arrow"))
+
+
+def test_staging_views_disjoint_and_aligned():
+    from stage2_hidden.pipeline import staging_bytes, staging_views
+
+    for T, W in [(3, 5), (1, 1), (7, 96)]:
+        buf = torch.zeros(staging_bytes(T, W), dtype=torch.uint8)
+        hidden, target = staging_views(buf, T, W)
+        hidden.copy_(torch.randn(T, W))
+        target.copy_(torch.arange(T, dtype=torch.int32) - 5)
+        assert hidden.shape == (T, W) and target.tolist() == list(range(-5, T - 5))
+        assert (target.data_ptr() - buf.data_ptr()) % 64 == 0
+        assert target.data_ptr() >= hidden.data_ptr() + hidden.numel() * 2
