@@ -146,7 +146,8 @@ class AsyncShardWriter:
     """Writer threads: shard k is opened, filled and closed by thread k % num_threads, in job order.
 
     Several threads write different shards at once (each shard also hashes and flushes on its own helper
-    threads, see ``ShardWriter``), so closing one shard does not hold up the rows of the next.
+    threads, see ``ShardWriter``), so closing one shard does not hold up the rows of the next. The rows are
+    hashed straight from the staging buffer, which goes back to the ring once they are.
     ``max_queue`` bounds the jobs waiting per thread."""
 
     def __init__(self, out_dir: Path, schema, max_queue: int = 2, num_threads: int = 1):
@@ -168,27 +169,30 @@ class AsyncShardWriter:
     def _loop(self, jobs: queue.Queue) -> None:
         writer = None
         while (job := jobs.get()) is not None:
+            handed_over = False  # a staging buffer goes back to the ring once its bytes are hashed
             try:
                 if self.error:
                     continue
                 if job[0] == "open":
-                    writer = ShardWriter(self.out_dir, job[1], self.schema)
+                    writer = ShardWriter(self.out_dir, job[1], self.schema, async_hash=True)
                 elif job[0] == "rows":
                     _, _, staged, rows = job
                     staged.wait()
                     for row, s, e in rows:
                         writer.write_row(row.id, row.input_ids, row.loss_mask, staged.target_T[s:e],
                                          staged.hidden_TW[s:e])
+                    writer.after_hashed(staged.release)
+                    handed_over = True
                 elif job[0] == "close":
                     writer.close()
                     writer = None
             except BaseException as e:  # surfaced to the main thread on the next put / finish
                 self.error = e
                 if writer is not None:
-                    writer.abort()
+                    writer.abort()  # joins the hasher: nothing reads the staging buffer after this
                     writer = None
             finally:
-                if job[0] == "rows":  # the bytes are in the page cache (or the run failed): reuse the buffer
+                if job[0] == "rows" and not handed_over:
                     job[2].release()
 
     def finish(self) -> None:

@@ -12,8 +12,8 @@ are ``num_aux * H * 2`` hidden + 4 input id + 4 target id + 1 mask = ``3 * H * 2
 
 Schema metadata: ``eagle3.format``, ``eagle3.hidden_dtype``, ``eagle3.hidden_width``, ``eagle3.layer_ids``.
 
-A shard is written to ``.tmp-<name>`` in the same folder (hashed and flushed by helper threads as it
-grows), fsynced and renamed to ``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go to ``.parts/<name>.json``. A
+A shard is written to ``.tmp-<name>`` in the same folder (hashed and flushed by helper threads while it
+is written), fsynced and renamed to ``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go to ``.parts/<name>.json``. A
 file under the final name is therefore always complete; a restarted run skips it and rewrites the rest.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -93,8 +94,8 @@ class _Follower:
     """A helper thread that follows a file as it grows: ``step(start, end)`` runs on each new byte range.
 
     The writer ``publish``es the file's size after each append; ``finish(size)`` waits until ``step`` has
-    covered ``size`` bytes (then runs ``last(size)``) and re-raises the helper's error, if any. Hashing and
-    flushing thus overlap the writes of the next rows instead of following each row."""
+    covered ``size`` bytes (then runs ``last(size)``) and re-raises the helper's error, if any. Used to
+    flush (``fdatasync``) while the next rows are written instead of after each row."""
 
     def __init__(self, step, last=None, min_bytes: int = 1):
         self._step, self._last, self._min = step, last, int(min_bytes)
@@ -144,43 +145,88 @@ class _Follower:
             self._error = e
 
 
-class _Sha256Tail:
-    """sha256 of a growing file, read back from the page cache into one reused buffer (hashlib and the
-    read release the GIL, so this runs beside the forward's Python loop)."""
+class _HashingSink:
+    """File-like sink for Arrow's IPC writer (through ``pa.PythonFile``): each piece is queued, in order,
+    for a hasher thread and appended to the file with ``os.write`` (no GIL). Arrow hands the record batch
+    buffers over zero-copy, so the hidden states are hashed from the caller's memory while they are written
+    (hashlib releases the GIL), not read back afterwards. A caller that reuses its memory must wait for
+    ``after_hashed`` callbacks (or ``drain``)."""
 
-    def __init__(self, path: Path, block: int = 1 << 24):
-        self.sha = hashlib.sha256()
-        self._file = open(path, "rb", buffering=0)
-        self._buf = memoryview(bytearray(block))
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos, self.closed, self.sha = 0, False, hashlib.sha256()
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hash_loop, daemon=True)
+        self._thread.start()
 
-    def __call__(self, start: int, end: int) -> None:
-        while start < end:
-            n = self._file.readinto(self._buf[: min(end - start, len(self._buf))])
-            if not n:
-                raise OSError(f"{self._file.name}: ended at byte {start}, expected {end}")
-            self.sha.update(self._buf[:n])
-            start += n
+    def write(self, data) -> int:
+        piece = memoryview(data).cast("B")
+        self._pieces.put(piece)
+        done = 0
+        while done < len(piece):  # one write() moves at most ~2 GiB
+            done += os.write(self._fd, piece[done:])
+        self.pos += len(piece)
+        return len(piece)
+
+    def after_hashed(self, callback) -> None:
+        """Run ``callback()`` on the hasher thread once every piece written so far is hashed."""
+        self._pieces.put(callback)
+
+    def drain(self) -> None:
+        done = threading.Event()
+        self.after_hashed(done.set)
+        done.wait()
+
+    def _hash_loop(self) -> None:
+        while (piece := self._pieces.get()) is not None:
+            try:
+                if callable(piece):
+                    piece()
+                elif self._error is None:
+                    self.sha.update(piece)
+            except BaseException as e:  # re-raised by close()
+                self._error = self._error or e
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
 
     def close(self) -> None:
-        self._file.close()
+        if self.closed:
+            return
+        self.closed = True
+        self._pieces.put(None)
+        self._thread.join()
+        os.close(self._fd)
+        if self._error is not None:
+            raise self._error
 
 
 class ShardWriter:
     """Writes one shard atomically; ``close()`` returns its manifest entry.
 
-    Three threads per shard: the caller appends record batches (native Arrow writes, no GIL); a hasher
-    reads the appended bytes back and updates the sha256; a flusher ``fdatasync``s them as they come, so
-    the disk works while the next rows are written and closing a shard waits for about one row."""
+    Three threads per shard: the caller appends record batches (``os.write``, no GIL); a hasher updates the
+    sha256 from the same memory (``_HashingSink``); a flusher ``fdatasync``s the bytes as they come, so the
+    disk works while the next rows are written and closing a shard waits for about one row.
+    ``async_hash=False``: ``write_row`` returns once the row is hashed (the caller may reuse its memory);
+    ``True``: it returns at once, and the caller keeps the memory unchanged until a callback given to
+    ``after_hashed`` has run."""
 
-    def __init__(self, out_dir: Path, index: int, schema: pa.Schema, flush_bytes: int = 8 << 20):
+    def __init__(self, out_dir: Path, index: int, schema: pa.Schema, flush_bytes: int = 8 << 20,
+                 async_hash: bool = False):
         self.out_dir, self.name, self.schema = Path(out_dir), shard_name(index), schema
         self.width = int(schema.metadata[b"eagle3.hidden_width"])
         self.tmp = self.out_dir / f".tmp-{self.name}"
-        self._sink = pa.OSFile(str(self.tmp), "wb")  # native writes: no GIL held while bytes go to disk
-        self._writer = pa.ipc.new_file(self._sink, schema)
-        self._hash = _Sha256Tail(self.tmp)
+        self.async_hash = async_hash
+        self._sink = _HashingSink(self.tmp)
+        self._writer = pa.ipc.new_file(pa.PythonFile(self._sink, mode="w"), schema)
         self._sync_fd = os.open(self.tmp, os.O_RDONLY)
-        self._hasher = _Follower(self._hash)
         self._flusher = _Follower(lambda start, end: _fdatasync(self._sync_fd),
                                   last=lambda size: os.fsync(self._sync_fd), min_bytes=flush_bytes)
         self.rows = self.tokens = self.loss_tokens = 0
@@ -198,29 +244,31 @@ class ShardWriter:
             [pa.array([row_id], pa.string()), _list_array(ids, pa.int32()), _list_array(mask, pa.uint8()),
              _list_array(tgt, pa.int32()), hidden_arr], schema=self.schema)
         self._writer.write_batch(batch)
-        size = self._sink.tell()
-        self._hasher.publish(size)
-        self._flusher.publish(size)
+        self._flusher.publish(self._sink.pos)
+        if not self.async_hash:
+            self._sink.drain()
         self.rows += 1
         self.tokens += T
         self.loss_tokens += int(mask.sum())
 
+    def after_hashed(self, callback) -> None:
+        self._sink.after_hashed(callback)
+
     def _finish_tail(self) -> str:
         """Footer written and file closed: wait for the hash and the final fsync."""
-        self._writer.close()
-        size = self._sink.tell()
-        self._sink.close()
         try:
-            self._hasher.finish(size)
+            self._writer.close()
         finally:
             try:
-                self._flusher.finish(size)
+                self._sink.close()
             finally:
-                self._close_fds()
-        return self._hash.sha.hexdigest()
+                try:
+                    self._flusher.finish(self._sink.pos)
+                finally:
+                    self._close_fd()
+        return self._sink.sha.hexdigest()
 
-    def _close_fds(self) -> None:
-        self._hash.close()
+    def _close_fd(self) -> None:
         if self._sync_fd >= 0:
             fd, self._sync_fd = self._sync_fd, -1
             os.close(fd)
@@ -238,8 +286,8 @@ class ShardWriter:
         return info
 
     def abort(self) -> None:
-        """Stop the helpers and delete the temp file (after an error; never raises a second one)."""
-        for step in (self._writer.close, self._sink.close, self._hasher.stop, self._flusher.stop, self._close_fds):
+        """Stop the helpers (queued callbacks still run) and delete the temp file; never raises."""
+        for step in (self._writer.close, self._sink.close, self._flusher.stop, self._close_fd):
             try:
                 step()
             except Exception:

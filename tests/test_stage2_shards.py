@@ -124,7 +124,7 @@ def test_inspect_prints_summary(tmp_path, capsys):
 
 
 def test_writer_hash_follows_large_rows(tmp_path):
-    """Rows larger than the hasher's 16 MiB block and the flusher's 8 MiB step: sha256 = the file's."""
+    """Rows of several MB, larger than the flusher's step: the sha256 hashed while writing = the file's."""
     import hashlib
     import threading
 
