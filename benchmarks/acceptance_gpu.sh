@@ -23,6 +23,7 @@ OUT=${OUT:-/tmp/acc_out}
 LRS=${LRS:-"1e-4 4e-4 1e-3"}
 EVAL_PROMPTS=${EVAL_PROMPTS:-20}
 EVAL_TOKENS=${EVAL_TOKENS:-256}
+MAXTOK=${MAXTOK:-2048}   # tokens per packed row = per optimizer step (train.max_tokens)
 PY=${PY:-python3}
 T0=$(date +%s)
 phase() { echo "[acc +$(( $(date +%s) - T0 ))s] $*"; }
@@ -74,13 +75,13 @@ $PY -m stage2_hidden root=$ROOT target.path=$TARGET hidden.input=$INPUT hidden.l
 tail -n 2 $RUN/stage2.log
 cp $RUN/hidden/manifest.json "$RUN/stage2_manifest.json"
 
-STEPS=$($PY - "$RUN/hidden" <<'EOF'
+STEPS=$($PY - "$RUN/hidden" $MAXTOK <<'EOF'
 import sys
 from stage2_hidden.reader import ShardDataset
 from stage3_train.data import PackedLoader, split_rows
 ds = ShardDataset(sys.argv[1])
 tr, va = split_rows([str(ds[i]["id"]) for i in range(len(ds))], 0.01)
-pl = PackedLoader(ds, tr, max_tokens=2048, batch_rows=1, rank=0, world_size=1, seed=0, pad_multiple=64)
+pl = PackedLoader(ds, tr, max_tokens=int(sys.argv[2]), batch_rows=1, rank=0, world_size=1, seed=0, pad_multiple=64)
 n = pl.steps_per_epoch()
 print(f"rows {len(ds)} train {len(tr)} val {len(va)} tokens {sum(ds.num_tokens(i) for i in range(len(ds)))} "
       f"train_tokens {sum(ds.num_tokens(i) for i in tr)} steps/epoch {n}", file=sys.stderr)
@@ -90,7 +91,7 @@ EOF
 phase "stage 3: $STEPS steps (1 epoch) for lr in $LRS, in parallel"
 for LR in $LRS; do
   $PY -m stage3_train root=$ROOT target.path=$TARGET train.preset=sharegpt_4420 train.data=$RUN/hidden \
-    train.out=$RUN/train-lr$LR train.lr=$LR train.steps=$STEPS > $RUN/train-lr$LR.log 2>&1 &
+    train.out=$RUN/train-lr$LR train.lr=$LR train.steps=$STEPS train.max_tokens=$MAXTOK > $RUN/train-lr$LR.log 2>&1 &
 done
 FAIL=0; for j in $(jobs -p); do wait $j || FAIL=1; done
 for LR in $LRS; do tail -n 4 $RUN/train-lr$LR.log; done

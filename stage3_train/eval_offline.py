@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -205,17 +204,9 @@ def _plain_args(argv: list[str]) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        import hydra  # noqa: F401
-    except ImportError:
-        hydra = None
-    if hydra is None or "--plain" in argv:
-        run(_plain_args(argv))
-        return
-    from stage3_train.eval_report import hydra_main
+    from stage3_train.eval_report import main_entry
 
-    hydra_main("eval", "eval", lambda section: run(EvalConfig(**section)))
+    main_entry(argv, _plain_args, run, "eval", "eval", EvalConfig)
 
 
 if __name__ == "__main__":

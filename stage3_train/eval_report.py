@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from stage3_train.checkpoint import atomic_write_text
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -15,20 +17,9 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def write_text(path: Path, text: str) -> Path:
-    """Atomic: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic: temp file in the same folder, fsync, rename (the checkpoint module's writer)."""
+    atomic_write_text(path, text)
+    return Path(path)
 
 
 def _spec_entries(per_dataset: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -100,3 +91,17 @@ def hydra_main(config_name: str, section: str, run: Callable[[dict[str, Any]], A
         run(resolved[section])
 
     _main()
+
+
+def main_entry(argv: list[str] | None, plain_args: Callable[[list[str]], Any], run: Callable[[Any], Any],
+               config_name: str, section: str, config_cls: type) -> None:
+    """Hydra entry point, or plain argparse (`--plain`, or Hydra not installed: the GPU stack)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        import hydra  # noqa: F401
+    except ImportError:
+        hydra = None
+    if hydra is None or "--plain" in argv:
+        run(plain_args(argv))
+        return
+    hydra_main(config_name, section, lambda resolved: run(config_cls(**resolved)))

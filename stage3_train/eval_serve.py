@@ -24,7 +24,6 @@ import asyncio
 import dataclasses
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,17 +282,9 @@ def _plain_args(argv: list[str]) -> ServeBenchConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        import hydra  # noqa: F401
-    except ImportError:
-        hydra = None
-    if hydra is None or "--plain" in argv:
-        run(_plain_args(argv))
-        return
-    from stage3_train.eval_report import hydra_main
+    from stage3_train.eval_report import main_entry
 
-    hydra_main("bench_serve", "bench", lambda section: run(ServeBenchConfig(**section)))
+    main_entry(argv, _plain_args, run, "bench_serve", "bench", ServeBenchConfig)
 
 
 if __name__ == "__main__":

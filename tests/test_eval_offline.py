@@ -10,7 +10,7 @@ import torch
 from stage3_train.eval_offline import EvalConfig, _plain_args, acceptance_summary, evaluate, run
 from stage3_train.prompts import Prompt, load_prompts, messages_for, render
 from stage3_train.spec_decode import SpecResult, TargetModel, TreeSpec
-from tests.fixtures.eval import OracleDrafter, random_smollm2_export  # noqa: F401 (fixture)
+from tests.fixtures.eval import OracleDrafter
 
 NEW_TOKENS = 16
 

@@ -8,7 +8,6 @@ import pytest
 
 from stage3_train.eval_serve import (ServeBenchConfig, _parse_metrics_plain, _plain_args, acceptance_from_counters,
                                      format_table, parse_metrics, run, spec_counters, summarize)
-from tests.fixtures.eval import random_smollm2_export  # noqa: F401 (fixture)
 
 # vLLM 0.32's exposition of the counters (prometheus_client: *_total and *_created samples, engine/model labels)
 METRICS = """\

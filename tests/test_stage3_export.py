@@ -3,7 +3,6 @@ vLLM CPU server serving SmolLM2 with the exported draft as its EAGLE-3 speculato
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from stage3_train.export import (WEIGHT_KEYS, default_aux_layer_ids, draft_from_
                                  export_config, export_state, layer_ids_of, read_export)
 from stage3_train.model import DraftConfig, Eagle3Draft, load_target_embeddings
 from stage3_train.train import run_meta
-from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target, tiny_stage3  # noqa: F401 (fixture)
+from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target
 
 
 def _random_draft(target_cfg: dict, draft_vocab: int, seed: int = 0) -> Eagle3Draft:

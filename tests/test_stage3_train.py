@@ -13,7 +13,7 @@ from stage3_train.config import TrainConfig
 from stage3_train.data import check_manifest
 from stage3_train.metrics import acceptance_length
 from stage3_train.train import lr_factor, run, summarize
-from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target, tiny_rows, tiny_stage3  # noqa: F401
+from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target, tiny_rows
 
 
 def small_cfg(shards: Path, out: Path, **kw) -> TrainConfig:

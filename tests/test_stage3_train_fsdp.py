@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 
 from stage3_train.config import TrainConfig
 from stage3_train.train import run
-from tests.fixtures.stage3 import tiny_stage3  # noqa: F401 (fixture)
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, target: dict) -> None:
