@@ -305,7 +305,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     ap.add_argument("--tokens", type=int, default=131072, help="tokens per length (at least one conversation)")
-    ap.add_argument("--batch-tokens", type=int, nargs="+", default=[16384], help="packed row sizes to try")
+    ap.add_argument("--batch-tokens", type=int, nargs="+", default=[8192],
+                    help="packed row sizes to try (default: the pipeline's hidden.batch_tokens)")
     ap.add_argument("--shard-tokens", type=int, default=32768,
                     help="tokens per shard (rows_per_shard = max(1, shard_tokens // length))")
     ap.add_argument("--writer-threads", type=int, nargs="+", default=[2], help="writer thread counts to try")

@@ -13,8 +13,9 @@ are ``num_aux * H * 2`` hidden + 4 input id + 4 target id + 1 mask = ``3 * H * 2
 Schema metadata: ``eagle3.format``, ``eagle3.hidden_dtype``, ``eagle3.hidden_width``, ``eagle3.layer_ids``.
 
 A shard is written to ``.tmp-<name>`` in the same folder (hashed and flushed by helper threads while it
-is written), fsynced and renamed to ``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go to ``.parts/<name>.json``. A
-file under the final name is therefore always complete; a restarted run skips it and rewrites the rest.
+is written), fsynced and renamed to ``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go
+to ``.parts/<name>.json``. A file under the final name is therefore always complete; a restarted run skips
+it and rewrites the rest.
 """
 from __future__ import annotations
 
