@@ -6,7 +6,8 @@
 #   3 train    python -m stage3_train train.preset=demo                short training run + export/
 #   4 eval     python -m stage3_train.eval_offline +preset=demo_eval   offline acceptance (HF target), MT-bench
 #   5 serve    python -m stage3_train.eval_serve +preset=demo_bench    served acceptance (vLLM + EAGLE-3 draft)
-# Everything goes under data/demo/ (times.tsv, summary.md included). Re-running resumes: stage 1 and 2 skip what
+# Everything goes under data/demo/ (times.tsv, summary.md included; EAGLE3_DEMO_OUT=DIR puts it elsewhere, the
+# presets read it). Re-running resumes: stage 1 and 2 skip what
 # they already wrote and training continues from its last checkpoint; `rm -rf data/demo` starts afresh.
 # Extra Hydra overrides per stage: SAMPLE_ARGS, HIDDEN_ARGS, TRAIN_ARGS, EVAL_ARGS, BENCH_ARGS, e.g.
 #   make demo BENCH_ARGS="bench.baseline=true"      (also serve without speculation: tokens/s and speedup)
@@ -14,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-OUT=data/demo
+OUT=${EAGLE3_DEMO_OUT:-data/demo}
+export EAGLE3_DEMO_OUT=$OUT
 mkdir -p "$OUT"
 TIMES="$OUT/times.tsv"
 : > "$TIMES"
