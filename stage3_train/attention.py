@@ -250,6 +250,9 @@ def ttt_attention(q_NhD: torch.Tensor, keys: tuple[torch.Tensor, ...] | list[tor
     if segments.bounds[-1] != N:
         raise ValueError(f"segments cover {segments.bounds[-1]} tokens, queries have {N}")
     scale = D ** -0.5 if scale is None else scale
+    attend = getattr(segments, "attend", None)  # sequence_parallel.SPSegments: a slice of rows split over ranks
+    if attend is not None:
+        return attend(q_NhD, keys, values, scale)
     kv = [t.contiguous() for t in (*keys, *values)]
     return _TTTAttention.apply(q_NhD.contiguous(), segments, scale, len(keys), *kv)
 

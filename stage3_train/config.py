@@ -39,6 +39,7 @@ class TrainConfig:
     ttt_steps: int = 7             # unrolled training-time-test steps k
     step_decay: float = 0.8        # loss weight of TTT step i is step_decay**i (normalised by the global valid count)
     activation_checkpointing: bool = True  # recompute each TTT step in backward (memory linear in T, ~+30% FLOPs)
+    sequence_parallel: int = 1     # ranks sharing each row (split along the sequence); data parallel over world/N
     param_dtype: str = "bfloat16"  # FSDP2 compute dtype of params (bfloat16 | float32); master copy stays fp32
     draft_overrides: dict[str, Any] = field(default_factory=dict)  # DraftConfig fields to change (intermediate_size)
     # ---- optimisation ----
@@ -65,7 +66,7 @@ class TrainConfig:
             self.wandb = WandbConfig(**self.wandb)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         positive = ("max_tokens", "batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "steps", "log_every",
-                    "keep_ckpts")
+                    "keep_ckpts", "sequence_parallel")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -31,6 +31,7 @@ from stage3_train.data import (PackedLoader, Prefetcher, check_manifest, eval_ba
                                to_packed_batch)
 from stage3_train.metrics import MetricsLogger, acceptance_length, format_line, peak_flops
 from stage3_train.parallelize import parallelize
+from stage3_train.sequence_parallel import SPGroup, shard_batch
 
 
 @dataclass
@@ -125,7 +126,16 @@ def summarize(stats: torch.Tensor, k: int, decay: float) -> dict[str, Any]:
     return {"loss": loss, "acc": acc, "accept_len": acceptance_length(acc), "valid": stats[2 * k:3 * k].tolist()}
 
 
-def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int, d: Dist) -> torch.Tensor:
+def prepare_batch(raw: dict[str, Any], d: Dist, k: int, sp: SPGroup | None):
+    """A collated micro-batch -> (PackedBatch on the device, None), or with sequence parallelism this rank's slice
+    and its SequenceShard (cut on the host, so only the slice's hidden features reach the device)."""
+    if sp is None:
+        return to_packed_batch(raw, d.device), None
+    return shard_batch(to_packed_batch(raw, torch.device("cpu")), sp, k, d.device)
+
+
+def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int, d: Dist,
+               sp: SPGroup | None = None) -> torch.Tensor:
     """Forward/backward over the micro-batches of one optimizer step (no optimizer update).
 
     Returns the global sums [ce(k), correct(k), valid(k), tokens, sq_tokens] (float64). Raises FloatingPointError
@@ -133,17 +143,19 @@ def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int,
     """
     from stage3_train.ttt import ttt_forward, valid_mask
 
-    batches = [to_packed_batch(b, d.device) for b in micro]
-    valid_k = sum(valid_mask(b, k, model.t2d).sum(dim=(1, 2)) for b in batches).to(torch.float64)
+    batches = [prepare_batch(b, d, k, sp) for b in micro]
+    valid_k = sum(valid_mask(b, k, model.t2d, None if s is None else s.halo).sum(dim=(1, 2))
+                  for b, s in batches).to(torch.float64)
     dist.all_reduce(valid_k)
     weights_k = decay ** torch.arange(k, dtype=torch.float64, device=d.device) / valid_k.clamp(min=1)
     local = []
-    for j, b in enumerate(batches):
+    for j, (b, s) in enumerate(batches):
         model.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once, after the last micro-batch
-        out = ttt_forward(model, b, weights_k.float(), k, checkpoint=ac)
+        out = ttt_forward(model, b, weights_k.float(), k, checkpoint=ac, sp=s)
         out.loss.backward()
         tokens = (b.doc_ids >= 0).sum().double()[None]  # on device: no host sync per micro-batch
-        sq_tokens = torch.tensor([micro[j]["sq_tokens"]], dtype=torch.float64).to(d.device, non_blocking=True)
+        sq = micro[j]["sq_tokens"] if sp is None or sp.rank == 0 else 0  # whole rows: count once per SP group
+        sq_tokens = torch.tensor([sq], dtype=torch.float64).to(d.device, non_blocking=True)
         local.append(torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double(), tokens, sq_tokens]))
     per_micro = torch.stack(local)               # [grad_accum, 3k+2]
     stats = per_micro.sum(0)
@@ -167,16 +179,18 @@ def _clip(model, max_norm: float, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, ds, val_idx: list[int], cfg: TrainConfig, d: Dist) -> dict[str, Any]:
+def evaluate(model, ds, val_idx: list[int], cfg: TrainConfig, d: Dist, sp: SPGroup | None = None) -> dict[str, Any]:
     """Loss, per-step accuracy and acceptance length over the validation rows (all ranks, every row once)."""
     from stage3_train.ttt import ttt_forward
 
     k = cfg.ttt_steps
     stats = torch.zeros(3 * k, dtype=torch.float64, device=d.device)
     ones_k = torch.ones(k, device=d.device)
-    for raw in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=d.rank,
-                            world_size=d.world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows):
-        out = ttt_forward(model, to_packed_batch(raw, d.device), ones_k, k, checkpoint=False)
+    rank, world = (d.rank, d.world) if sp is None else (sp.dp_rank, sp.dp_size)
+    for raw in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=rank,
+                            world_size=world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows):
+        batch, shard = prepare_batch(raw, d, k, sp)
+        out = ttt_forward(model, batch, ones_k, k, checkpoint=False, sp=shard)
         stats += torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double()])
     dist.all_reduce(stats)
     return summarize(stats, k, cfg.step_decay)
@@ -211,9 +225,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        # sequence parallelism: ranks of one SP group share rows (the loader sees the dp axis only)
+        self.sp = SPGroup.create(cfg.sequence_parallel, d.device.type) if cfg.sequence_parallel > 1 else None
+        dp_rank, dp_size = (d.rank, d.world) if self.sp is None else (self.sp.dp_rank, self.sp.dp_size)
         train_idx, self.val_idx = split_rows([str(self.ds[i]["id"]) for i in range(len(self.ds))], cfg.val_fraction)
         self.loader = PackedLoader(self.ds, train_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows,
-                                   rank=self.d.rank, world_size=self.d.world, seed=cfg.seed,
+                                   rank=dp_rank, world_size=dp_size, seed=cfg.seed,
                                    pad_multiple=cfg.pad_multiple)
         self.step = self._maybe_resume()
         self.metrics = MetricsLogger(self.out, enabled=self.d.rank == 0,
@@ -267,14 +284,15 @@ class Trainer:
     def _eval(self) -> None:
         if not self.val_idx:
             return
-        m = evaluate(self.model, self.ds, self.val_idx, self.cfg, self.d)
+        m = evaluate(self.model, self.ds, self.val_idx, self.cfg, self.d, self.sp)
         acc = " ".join(f"{a:.3f}" for a in m["acc"])
         self.log(f"val  step {self.step:>6} | loss {m['loss']:.4f} | acc {acc} | accept {m['accept_len']:.2f}")
         self.metrics.log("val", self.step, {key: v for key, v in m.items() if key != "valid"})
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.log(f"{len(self.ds)} conversations ({len(self.val_idx)} held out), world {self.d.world}, "
+        self.log(f"{len(self.ds)} conversations ({len(self.val_idx)} held out), world {self.d.world} "
+                 f"(sequence parallel {cfg.sequence_parallel}), "
                  f"{self.loader.steps_per_epoch() // cfg.grad_accum} steps/epoch, from step {self.step} to {cfg.steps}")
         self.batches = Prefetcher(self.loader, pin_memory=self.d.device.type == "cuda")
         try:
@@ -294,7 +312,7 @@ class Trainer:
         while self.step < cfg.steps:
             micro = [next(self.batches) for _ in range(cfg.grad_accum)]
             window += train_step(self.model, micro, k=k, decay=cfg.step_decay, ac=self.ac, step=self.step + 1,
-                                 d=self.d)
+                                 d=self.d, sp=self.sp)
             grad_norm = _clip(self.model, cfg.grad_clip, self.step + 1)
             self.optimizer.step()
             self.scheduler.step()

@@ -81,31 +81,52 @@ def _shift_left(x_BT: torch.Tensor, n: int, fill: int) -> torch.Tensor:
     return F.pad(x_BT[:, n:], (0, min(n, x_BT.shape[1])), value=fill)
 
 
-def valid_mask(batch: PackedBatch, ttt_steps: int, t2d: torch.Tensor) -> torch.Tensor:
-    """bool [k, B, T]: position t of step i has a label (see the module docstring for the arithmetic)."""
+def _extended(batch: PackedBatch, halo: dict[str, torch.Tensor] | None):
+    """(input_ids, target_ids, loss_mask, doc_ids) [B, T+H]: the batch followed by a sequence-parallel halo (the
+    H tokens after this rank's slice, sequence_parallel.py); the batch itself without one."""
+    names = ("input_ids", "target_ids", "loss_mask", "doc_ids")
+    if halo is None:
+        return tuple(getattr(batch, n) for n in names)
+    return tuple(torch.cat([getattr(batch, n), halo[n].to(getattr(batch, n).dtype)], dim=1) for n in names)
+
+
+def valid_mask(batch: PackedBatch, ttt_steps: int, t2d: torch.Tensor,
+               halo: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """bool [k, B, T]: position t of step i has a label (see the module docstring for the arithmetic).
+
+    halo: the next tokens after a sequence-parallel slice (their ids/targets/mask/doc ids decide the labels of the
+    last k+1 positions); None = the row ends at T."""
     B, T = batch.input_ids.shape
+    _, target_ids, loss_mask, doc = _extended(batch, halo)
+    Te = doc.shape[1]
     valid = torch.zeros(ttt_steps, B, T, dtype=torch.bool, device=batch.input_ids.device)
-    doc, mask = batch.doc_ids, batch.loss_mask.bool()
+    mask = loss_mask.bool()
     for i in range(ttt_steps):
         s = i + 2                                  # offset of the predicted token
-        if s >= T:
+        if s >= Te:
             break
-        same_doc = (doc[:, :T - s] == doc[:, s:]) & (doc[:, :T - s] >= 0)
-        label = batch.target_ids[:, 1 + i:T - s + 1 + i].long()
-        valid[i, :, :T - s] = same_doc & mask[:, s:] & t2d[label]
+        n = min(T, Te - s)
+        same_doc = (doc[:, :n] == doc[:, s:s + n]) & (doc[:, :n] >= 0)
+        label = target_ids[:, 1 + i:1 + i + n].long()
+        valid[i, :, :n] = same_doc & mask[:, s:s + n] & t2d[label]
     return valid
 
 
 def ttt_forward(model, batch: PackedBatch, step_weights: torch.Tensor, ttt_steps: int, checkpoint: bool = True,
-                *, shift_positions: bool = True, loss_chunk: int | None = None) -> TTTOutput:
-    """Run k TTT steps of `model` (an Eagle3Draft, possibly FSDP-wrapped: only its forward is called) on `batch`."""
+                *, shift_positions: bool = True, loss_chunk: int | None = None, sp=None) -> TTTOutput:
+    """Run k TTT steps of `model` (an Eagle3Draft, possibly FSDP-wrapped: only its forward is called) on `batch`.
+
+    sp: a `sequence_parallel.SequenceShard` when `batch` is this rank's slice of longer rows (its halo supplies the
+    shifted tokens/labels past the slice, its segments attend across ranks); None = whole rows."""
     if ttt_steps < 1:
         raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
     if step_weights.shape != (ttt_steps,):
         raise ValueError(f"step_weights must have shape [{ttt_steps}], got {tuple(step_weights.shape)}")
     B, T = batch.input_ids.shape
-    segments = Segments.from_doc_ids(batch.doc_ids)
-    valid_kBT = valid_mask(batch, ttt_steps, model.t2d)
+    halo = None if sp is None else sp.halo
+    segments = Segments.from_doc_ids(batch.doc_ids) if sp is None else sp.segments
+    valid_kBT = valid_mask(batch, ttt_steps, model.t2d, halo)
+    input_ids, target_ids = _extended(batch, halo)[:2]
     to_draft_V = model.target_to_draft()
     hidden = batch.hidden.reshape(B * T, -1)
     keys: list[torch.Tensor] = []
@@ -115,8 +136,8 @@ def ttt_forward(model, batch: PackedBatch, step_weights: torch.Tensor, ttt_steps
     head_grad = HeadGrad()  # one fp32 lm_head grad buffer for the k steps (their losses are summed below)
     weights = step_weights.detach().double().cpu().tolist()
     for i in range(ttt_steps):
-        ids_N = _shift_left(batch.input_ids, 1 + i, fill=0).reshape(-1)
-        label_BT = to_draft_V[_shift_left(batch.target_ids.long(), 1 + i, fill=0)]
+        ids_N = _shift_left(input_ids, 1 + i, fill=0)[:, :T].reshape(-1)
+        label_BT = to_draft_V[_shift_left(target_ids.long(), 1 + i, fill=0)[:, :T]]
         labels_N = torch.where(valid_kBT[i], label_BT, IGNORE).reshape(-1)
         pos_N = (batch.position_ids + i if shift_positions else batch.position_ids).reshape(-1)
         step = model(hidden, ids_N, pos_N, segments, (tuple(keys), tuple(values)), labels_N,
