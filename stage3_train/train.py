@@ -9,6 +9,11 @@ One optimizer step (global batch = world * batch_rows * grad_accum packed rows):
     loss      = sum over ranks, micro-batches, TTT steps i of  w_i * CE_sum_i     (ttt_forward returns sum_i w_i CE_i)
 FSDP2 sums (not averages) the gradients over ranks (see parallelize.py), so the update is that of the global
 loss sum_i 0.8^i * mean CE_i, independent of how the rows are spread over ranks and micro-batches.
+
+Sequence parallelism (`train.sequence_parallel=N`, rows longer than one GPU holds): the world is a ("dp", "sp")
+mesh; the N ranks of an SP group load the same rows (the loader sees dp_rank / dp_size) and each trains a contiguous
+slice of every row (sequence_parallel.py). Valid counts and gradient sums run over the whole world as above, so the
+update equals the one of whole rows on dp_size ranks.
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def _attention_case(sp: SPGroup, depth: int) -> None:
         torch.testing.assert_close(a, unflat(b), rtol=1e-9, atol=1e-9, msg=f"rank {sp.rank}: grad of {name}")
 
 
-@pytest.mark.parametrize("world,depths", [(2, [0, 2]), pytest.param(4, [1, 3], marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world,depths", [(2, [0, 2]), (4, [1, 3])])
 def test_sp_attention_matches_single_process(world, depths):
     _spawn(_attention_worker, world, depths)
 
@@ -146,6 +146,16 @@ def test_sp_ttt_loss_and_grads_match_single_process(world, cases):
 
 
 def test_sp_errors():
+    from stage3_train.config import TrainConfig
+
+    with pytest.raises(ValueError):
+        TrainConfig(sequence_parallel=0)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="divide the world size"):
+            SPGroup.create(2, "cpu")
+    finally:
+        dist.destroy_process_group()
     batch = _batch(8, seed=0)
     sp = SPGroup(None, 0, 2, 0, 1)
     with pytest.raises(ValueError):
@@ -169,17 +179,20 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_training_with_sequence_parallel_matches_one_process(tmp_path, tiny_stage3):
+@pytest.mark.parametrize("world,sp", [(2, 2), (4, 2)])
+def test_training_with_sequence_parallel_matches_one_process(tmp_path, tiny_stage3, world, sp):
+    # the same global batch (world / sp rows per step): 1 process with grad_accum = world / sp, or world processes
+    # in a (dp = world / sp) x (sp) mesh, each SP group splitting its rows
     from stage3_train.config import TrainConfig
     from stage3_train.train import run
 
     target, shards = tiny_stage3
     base = dict(data=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=3, lr=3e-3, warmup_steps=1,
                 log_every=1, eval_every=3, ckpt_every=0, param_dtype="float32", val_fraction=0.1, export=False,
-                device="cpu", grad_accum=1)
-    run(TrainConfig(**base, out=str(tmp_path / "one")), {"path": str(target)})
-    two = TrainConfig(**base, out=str(tmp_path / "sp2"), sequence_parallel=2).to_dict()
-    _spawn(_train_worker, 2, two, {"path": str(target)})
+                device="cpu")
+    run(TrainConfig(**base, out=str(tmp_path / "one"), grad_accum=world // sp), {"path": str(target)})
+    two = TrainConfig(**base, out=str(tmp_path / "sp2"), grad_accum=1, sequence_parallel=sp).to_dict()
+    _spawn(_train_worker, world, two, {"path": str(target)})
     a, b = _records(tmp_path / "one"), _records(tmp_path / "sp2")
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
     for ra, rb in zip(a, b):
