@@ -93,17 +93,23 @@ def pack(order: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[
     return rows
 
 
-def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: int) -> dict[str, Any]:
+def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: int,
+            hidden_part: tuple[int, int] | None = None) -> dict[str, Any]:
     """Materialise packed rows as padded [B, T] tensors (T = longest row rounded up to pad_multiple).
 
     Returns input_ids/target_ids/position_ids long [B,T], loss_mask bool [B,T], doc_ids long [B,T] (-1 = pad),
     hidden [B,T,3H] in the shard dtype, `ids`: the conversation ids of each row (for error messages), and
     `sq_tokens`: the sum of squared conversation lengths (attention FLOPs for MFU).
     An empty row (a rank with nothing left in a validation pass) is all padding.
+    hidden_part (i, n): sequence parallelism: `hidden` holds only slice i of n of the features, [B, ceil(T/n), 3H]
+    = tokens [i*L, (i+1)*L) (zeros past T), the slice `sequence_parallel.shard_batch` keeps; the rest as above.
     """
     longest = max([sum(s.length for s in row) for row in rows] + [1])
     T = -(-longest // pad_multiple) * pad_multiple
     B = len(rows)
+    part, parts = hidden_part or (0, 1)
+    L = -(-T // parts)
+    h_lo, h_hi = part * L, (part + 1) * L  # token window of the hidden features kept
     out = {k: torch.zeros(B, T, dtype=torch.long) for k in ("input_ids", "target_ids", "position_ids")}
     out["loss_mask"] = torch.zeros(B, T, dtype=torch.bool)
     out["doc_ids"] = torch.full((B, T), -1, dtype=torch.long)
@@ -123,14 +129,16 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
             out["doc_ids"][b, span] = d
             h_TD = item["hidden"][:n]
             if hidden_BTD is None:
-                hidden_BTD = torch.zeros(B, T, h_TD.shape[-1], dtype=h_TD.dtype)
-            hidden_BTD[b, span] = h_TD
+                hidden_BTD = torch.zeros(B, L, h_TD.shape[-1], dtype=h_TD.dtype)
+            lo, hi = max(t, h_lo), min(t + n, h_hi)
+            if lo < hi:
+                hidden_BTD[b, lo - h_lo:hi - h_lo] = h_TD[lo - t:hi - t]
             ids[b].append(str(item["id"]))
             sq_tokens += n * n
             t += n
     if hidden_BTD is None:  # only empty rows: width and dtype from any row of the source
         h = source[0]["hidden"]
-        hidden_BTD = torch.zeros(B, T, h.shape[-1], dtype=h.dtype)
+        hidden_BTD = torch.zeros(B, L, h.shape[-1], dtype=h.dtype)
     out["hidden"] = hidden_BTD
     out["ids"], out["sq_tokens"] = ids, sq_tokens
     return out
@@ -140,10 +148,12 @@ class PackedLoader:
     """Endless iterator of this rank's micro-batches over `indices` of `source` (see the module docstring)."""
 
     def __init__(self, source: RowSource, indices: Sequence[int], *, max_tokens: int, batch_rows: int,
-                 rank: int, world_size: int, seed: int, pad_multiple: int = 64, shuffle: bool = True):
+                 rank: int, world_size: int, seed: int, pad_multiple: int = 64, shuffle: bool = True,
+                 hidden_part: tuple[int, int] | None = None):
         self.source, self.indices = source, list(indices)
         self.max_tokens, self.batch_rows, self.pad_multiple = max_tokens, batch_rows, pad_multiple
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.hidden_part = hidden_part  # sequence parallelism: (sp_rank, sp_size), see collate
         self.lengths = {i: source.num_tokens(i) for i in self.indices}
         self.epoch, self.micro_step = 0, 0
         self._plan_epoch, self._plan = -1, []
@@ -176,7 +186,7 @@ class PackedLoader:
     def __next__(self) -> dict[str, Any]:
         if self.micro_step >= self.steps_per_epoch():
             self.epoch, self.micro_step = self.epoch + 1, 0
-        batch = collate(self.source, self.rows_of(self.micro_step), self.pad_multiple)
+        batch = collate(self.source, self.rows_of(self.micro_step), self.pad_multiple, self.hidden_part)
         batch["epoch"], batch["micro_step"] = self.epoch, self.micro_step
         self.micro_step += 1
         return batch
@@ -250,7 +260,8 @@ class Prefetcher:
 
 
 def eval_batches(source: RowSource, indices: Sequence[int], *, max_tokens: int, batch_rows: int, rank: int,
-                 world_size: int, pad_multiple: int = 64, max_rows: int = 0):
+                 world_size: int, pad_multiple: int = 64, max_rows: int = 0,
+                 hidden_part: tuple[int, int] | None = None):
     """This rank's validation micro-batches: every packed row exactly once (no shuffle, no drop).
 
     All ranks yield the same number of micro-batches (FSDP needs every rank in every forward); a rank short of
@@ -264,7 +275,7 @@ def eval_batches(source: RowSource, indices: Sequence[int], *, max_tokens: int, 
     for m in range(-(-len(plan) // per_step)):
         rows = [plan[g] if (g := (m * batch_rows + b) * world_size + rank) < len(plan) else []
                 for b in range(batch_rows)]
-        yield collate(source, rows, pad_multiple)
+        yield collate(source, rows, pad_multiple, hidden_part)
 
 
 def open_shards(path: str, verify: bool = False):

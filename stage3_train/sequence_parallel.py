@@ -129,12 +129,14 @@ def _prefix_maps(doc_BT: torch.Tensor, r: int, L: int):
     return q_idx, k_idx, tuple(bq), tuple(bk)
 
 
-def shard_batch(batch: PackedBatch, sp: SPGroup, ttt_steps: int,
-                device: torch.device | str | None = None) -> tuple[PackedBatch, SequenceShard]:
+def shard_batch(batch: PackedBatch, sp: SPGroup, ttt_steps: int, device: torch.device | str | None = None, *,
+                local_hidden: torch.Tensor | None = None) -> tuple[PackedBatch, SequenceShard]:
     """This SP rank's slice of the full rows `batch` [B, T] (any device; slice first, then move to `device`).
 
     T is padded to a multiple of N with padding tokens (doc -1; they never carry a label). Returns the local
-    PackedBatch [B, L] and the SequenceShard (halo of H = ttt_steps + 1 tokens, SP segments)."""
+    PackedBatch [B, L] and the SequenceShard (halo of H = ttt_steps + 1 tokens, SP segments).
+    local_hidden [B, L, W]: this rank's hidden slice, already cut (data.collate(hidden_part=...)); batch.hidden is
+    then ignored (any [B, T, W] placeholder, e.g. an expanded zero)."""
     if ttt_steps < 1:
         raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
     device = torch.device(device) if device is not None else batch.input_ids.device
@@ -145,7 +147,11 @@ def shard_batch(batch: PackedBatch, sp: SPGroup, ttt_steps: int,
     full = {"input_ids": batch.input_ids, "target_ids": batch.target_ids, "loss_mask": batch.loss_mask.bool(),
             "doc_ids": batch.doc_ids}
     ext = {k: _pad_to(v, N * L + H, _FILL[k]) for k, v in full.items()}
-    local = PackedBatch(input_ids=ext["input_ids"][:, a:e], hidden=_pad_to(batch.hidden, N * L, 0)[:, a:e],
+    if local_hidden is None:
+        local_hidden = _pad_to(batch.hidden, N * L, 0)[:, a:e]
+    elif tuple(local_hidden.shape[:2]) != (B, L):
+        raise ValueError(f"local_hidden has shape {tuple(local_hidden.shape)}, rank {r} of {N} needs [{B}, {L}, W]")
+    local = PackedBatch(input_ids=ext["input_ids"][:, a:e], hidden=local_hidden,
                         target_ids=ext["target_ids"][:, a:e], loss_mask=ext["loss_mask"][:, a:e],
                         position_ids=_pad_to(batch.position_ids, N * L, 0)[:, a:e], doc_ids=ext["doc_ids"][:, a:e])
     local = local.to(device)
@@ -158,6 +164,20 @@ def shard_batch(batch: PackedBatch, sp: SPGroup, ttt_steps: int,
                      torch.tensor(bq, dtype=torch.int32, device=device),
                      torch.tensor(bk, dtype=torch.int32, device=device), bq, bk)
     return local, SequenceShard(halo, seg)
+
+
+def shard_collated(raw: dict, sp: SPGroup, ttt_steps: int, device: torch.device | str) -> tuple[PackedBatch,
+                                                                                                SequenceShard]:
+    """`shard_batch` of a data.collate micro-batch whose `hidden` is either the whole rows [B, T, W] or already this
+    rank's slice [B, ceil(T/N), W] (the loader's hidden_part): the trainer's path, host memory O(T/N) per rank."""
+    B, T = raw["input_ids"].shape
+    hidden = raw["hidden"]
+    keys = ("input_ids", "target_ids", "loss_mask", "position_ids", "doc_ids")
+    if hidden.shape[1] == T and -(-T // sp.size) != T:  # whole rows
+        return shard_batch(PackedBatch(**{k: raw[k] for k in keys}, hidden=hidden), sp, ttt_steps, device)
+    placeholder = hidden[:, :1].expand(B, T, hidden.shape[-1])
+    return shard_batch(PackedBatch(**{k: raw[k] for k in keys}, hidden=placeholder), sp, ttt_steps, device,
+                       local_hidden=hidden)
 
 
 # ---------------------------------------------------------------- collectives over the SP group

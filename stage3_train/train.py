@@ -36,7 +36,7 @@ from stage3_train.data import (PackedLoader, Prefetcher, check_manifest, eval_ba
                                to_packed_batch)
 from stage3_train.metrics import MetricsLogger, acceptance_length, format_line, peak_flops
 from stage3_train.parallelize import parallelize
-from stage3_train.sequence_parallel import SPGroup, shard_batch
+from stage3_train.sequence_parallel import SPGroup, shard_collated
 
 
 @dataclass
@@ -133,10 +133,10 @@ def summarize(stats: torch.Tensor, k: int, decay: float) -> dict[str, Any]:
 
 def prepare_batch(raw: dict[str, Any], d: Dist, k: int, sp: SPGroup | None):
     """A collated micro-batch -> (PackedBatch on the device, None), or with sequence parallelism this rank's slice
-    and its SequenceShard (cut on the host, so only the slice's hidden features reach the device)."""
+    and its SequenceShard (the loader collated only this rank's hidden slice: host and device memory O(T/N))."""
     if sp is None:
         return to_packed_batch(raw, d.device), None
-    return shard_batch(to_packed_batch(raw, torch.device("cpu")), sp, k, d.device)
+    return shard_collated(raw, sp, k, d.device)
 
 
 def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int, d: Dist,
@@ -192,8 +192,10 @@ def evaluate(model, ds, val_idx: list[int], cfg: TrainConfig, d: Dist, sp: SPGro
     stats = torch.zeros(3 * k, dtype=torch.float64, device=d.device)
     ones_k = torch.ones(k, device=d.device)
     rank, world = (d.rank, d.world) if sp is None else (sp.dp_rank, sp.dp_size)
+    part = None if sp is None else (sp.rank, sp.size)
     for raw in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=rank,
-                            world_size=world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows):
+                            world_size=world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows,
+                            hidden_part=part):
         batch, shard = prepare_batch(raw, d, k, sp)
         out = ttt_forward(model, batch, ones_k, k, checkpoint=False, sp=shard)
         stats += torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double()])
@@ -236,6 +238,7 @@ class Trainer:
         train_idx, self.val_idx = split_rows([str(self.ds[i]["id"]) for i in range(len(self.ds))], cfg.val_fraction)
         self.loader = PackedLoader(self.ds, train_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows,
                                    rank=dp_rank, world_size=dp_size, seed=cfg.seed,
+                                   hidden_part=None if self.sp is None else (self.sp.rank, self.sp.size),
                                    pad_multiple=cfg.pad_multiple)
         self.step = self._maybe_resume()
         self.metrics = MetricsLogger(self.out, enabled=self.d.rank == 0,

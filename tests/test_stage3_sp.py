@@ -166,6 +166,26 @@ def test_sp_errors():
     assert shard.segments.bounds_q == (0, 1, 5) and shard.segments.bounds_k == (0, 4, 8)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_collate_hidden_part_matches_whole_rows(parts):
+    # the loader's per-rank hidden slice (host memory O(T/N)) gives the same local batch as slicing whole rows
+    from stage3_train.data import Segment, collate
+    from stage3_train.sequence_parallel import shard_collated
+    from tests.fixtures.stage3 import MemoryRows
+
+    src = MemoryRows.random(3, [9, 14, 20], width=6, seed=0)
+    rows = [[Segment(0, 9), Segment(1, 14)], [Segment(2, 20)]]
+    whole = collate(src, rows, pad_multiple=8)             # T = 24
+    for r in range(parts):
+        sp = SPGroup(None, r, parts, 0, 1)
+        part = collate(src, rows, pad_multiple=8, hidden_part=(r, parts))
+        a, _ = shard_collated(whole, sp, 3, "cpu")
+        b, shard_b = shard_collated(part, sp, 3, "cpu")
+        for name in ("input_ids", "hidden", "target_ids", "loss_mask", "position_ids", "doc_ids"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (r, name)
+        assert b.hidden.shape[1] == -(-24 // parts) and shard_b.halo["input_ids"].shape == (2, 4)
+
+
 # ---------------------------------------------------------------- (c) the trainer with train.sequence_parallel=2
 def _train_worker(cfg: dict, target: dict) -> None:
     from stage3_train.config import TrainConfig
