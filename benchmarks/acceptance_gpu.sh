@@ -52,7 +52,7 @@ RUN=$ROOT/acc_${MODE%%-*}
 mkdir -p "$RUN"
 
 phase "install wheels"
-WHEELS=(.whl/*.whl $(ls .carry_c/*.whl .carry_d/*.whl 2>/dev/null))
+WHEELS=(.whl/*.whl $(ls .carry_c/*.whl .carry_d/*.whl 2>/dev/null || true))
 if [ "$MODE" != smoke ] && [ -f /tmp/carry/smol.part0 ] && [ -f .carry_b/smol.part1 ]; then
   cat /tmp/carry/smol.part0 .carry_b/smol.part1 > /tmp/smol.whl
   sha256sum -c .carry_b/smol.sha256      # "<sha256>  /tmp/smol.whl"

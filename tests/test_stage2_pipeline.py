@@ -119,3 +119,26 @@ def test_kill_and_resume_byte_identical(tmp_path, smollm2_dir):
     assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     assert not list(killed.glob(".tmp-*"))
     assert (killed / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_shards_as_one(tmp_path, smollm2_dir):
+    """torchrun with 2 gloo ranks: rank r writes shards r, r+2, ...; one manifest at the end, and the merged
+    result is byte for byte the 1-process run (same shards, vocabulary and manifest up to timing)."""
+    inp = write_conversations(tmp_path / "convs.jsonl", 6)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli(smollm2_dir, inp, one), check=True, cwd=REPO, env=env, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cli = _cli(smollm2_dir, inp, two)
+    res = subprocess.run(torchrun + cli[1:], cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    names = sorted(p.name for p in one.glob("shard-*.arrow"))
+    assert len(names) == 3 and names == sorted(p.name for p in two.glob("shard-*.arrow"))
+    for name in names + ["vocab.safetensors"]:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    timing = ("created_at", "elapsed_s")
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert [r["id"] for r in ShardDataset(two, verify=True)] == [f"conv-{i}" for i in range(6)]
