@@ -141,10 +141,17 @@ def _pgid_members(pgid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_ctrl_c_leaves_no_server_process(smollm2_dir, tmp_path):
-    _write_input(tmp_path / "in.jsonl")
+    # 48 requests for long answers, one at a time: minutes of work left when the first shard lands, so the
+    # Ctrl-C always arrives mid-run (with _write_input's 12 short answers a fast machine finished first)
+    rows = [{"id": f"long{i:02d}", "messages": [{"role": "user", "content": f"Write a long story about room {i}."}]}
+            for i in range(48)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     cmd = _cli(out, tmp_path / "in.jsonl", f"target.path={smollm2_dir}", "sample.server.launch=true",
                "sample.server.extra_args=[--enforce-eager]")  # no compilation: a faster start-up
+    cmd = [{"sample.max_tokens=16": "sample.max_tokens=256", "sample.concurrency=2": "sample.concurrency=1"}.get(a, a)
+           for a in cmd]
+    assert "sample.max_tokens=256" in cmd and "sample.concurrency=1" in cmd
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while _rows_on_disk(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
