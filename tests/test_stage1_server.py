@@ -152,7 +152,10 @@ def test_ctrl_c_leaves_no_server_process(smollm2_dir, tmp_path):
     cmd = [{"sample.max_tokens=16": "sample.max_tokens=256", "sample.concurrency=2": "sample.concurrency=1"}.get(a, a)
            for a in cmd]
     assert "sample.max_tokens=256" in cmd and "sample.concurrency=1" in cmd
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # SIGINT as a terminal delivers it: a test run started in the background (`cmd &` in a script) ignores SIGINT,
+    # its children inherit that, and Python then leaves it ignored, so the Ctrl-C would never arrive
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 900
     while _rows_on_disk(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
