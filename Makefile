@@ -44,11 +44,11 @@ export: setup
 
 # Offline acceptance (HF target + draft): make eval ARGS="eval.draft=PATH eval.num_prompts=20"
 eval: model
-	$(PY) -m stage3_train.eval_offline $(ARGS)
+	$(PY) -m evaluation.offline $(ARGS)
 
 # vLLM with and without the EAGLE-3 draft: make bench-serve ARGS="bench.draft=PATH bench.concurrency=[1,4]"
 bench-serve: model
-	$(PY) -m stage3_train.eval_serve $(ARGS)
+	$(PY) -m evaluation.serve $(ARGS)
 
 # The CPU suite, real vLLM CPU server and real SmolLM2 included (.ci/run calls this).
 test: model

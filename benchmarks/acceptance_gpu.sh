@@ -145,7 +145,7 @@ EOF
 )
 phase "stage 3: $STEPS steps (1 epoch) for lr in $LRS, in parallel"
 for LR in $LRS; do
-  $PY -m stage3_train root=$ROOT target.path=$TARGET train.preset=$PRESET train.data=$RUN/hidden \
+  $PY -m stage3_train root=$ROOT target.path=$TARGET +preset=$PRESET train.data=$RUN/hidden \
     train.out=$RUN/train-lr$LR train.lr=$LR train.steps=$STEPS train.max_tokens=$MAXTOK > $RUN/train-lr$LR.log 2>&1 &
 done
 FAIL=0; for j in $(jobs -p); do wait $j || FAIL=1; done
@@ -182,7 +182,7 @@ if [ "$EVAL_PROMPTS" -gt 0 ]; then
   EVAL_DATASETS=${EVAL_DATASETS:-mtbench}
   phase "offline acceptance: $EVAL_DATASETS first turns x $EVAL_PROMPTS, chain k=3, $EVAL_TOKENS new tokens"
   for LR in $LRS; do
-    timeout ${EVAL_TIMEOUT:-120} $PY -m stage3_train.eval_offline --plain --target $TARGET \
+    timeout ${EVAL_TIMEOUT:-120} $PY -m evaluation.offline --plain --target $TARGET \
       --draft $RUN/train-lr$LR/export --out $RUN/eval-lr$LR --datasets $EVAL_DATASETS --num-prompts $EVAL_PROMPTS \
       --turns first --chain-k 3 --max-new-tokens $EVAL_TOKENS > $RUN/eval-lr$LR.log 2>&1 &
   done

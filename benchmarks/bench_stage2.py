@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from stage2_hidden.capture import HiddenCapture, default_layer_ids, pack_groups, prepare_model  # noqa: E402
+from common.target import default_aux_layer_ids as default_layer_ids  # noqa: E402
+from stage2_hidden.capture import HiddenCapture, pack_groups, prepare_model  # noqa: E402
 from stage2_hidden.pipeline import AsyncShardWriter, HostStaging, capture_shard  # noqa: E402
 from stage2_hidden.render import Rendered  # noqa: E402
-from stage2_hidden.shards import make_schema  # noqa: E402
+from stage2_hidden.format import make_schema  # noqa: E402
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,

@@ -7,23 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import yaml
-from omegaconf import DictConfig, OmegaConf
+
+from common.entry import config_yaml, hydra_entry
+from common.files import atomic_write_text
+from common.logs import get_logger
+from common.server import VLLMServer, free_port, install_signal_handlers, vllm_command
+from common.target import TargetSpec
 
 from .client import ChatClient, api_key_from_env
-from .config import SampleConfig, TargetInfo
+from .config import SampleConfig
 from .formats import load_conversations
 from .regenerate import run_loop
-from .server import VLLMServer, free_port, install_signal_handlers, vllm_command
-from .writer import ShardWriter, atomic_write_bytes
+from .writer import ShardWriter
 
-log = logging.getLogger("stage1_sample")
+log = get_logger("stage1")
 # settings that change the answers: a resumed run must use the same ones
 RESUME_KEYS = [("target", "name"), ("target", "path"), ("sample", "input"), ("sample", "format"),
                ("sample", "temperature"), ("sample", "top_p"), ("sample", "max_tokens"), ("sample", "seed"),
@@ -46,13 +48,13 @@ def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
 def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     """Run stage 1 from a resolved config dict; returns the manifest."""
     cfg = SampleConfig.from_omegaconf(resolved["sample"])
-    target = TargetInfo.from_mapping(resolved["target"])
+    target = TargetSpec.from_mapping(resolved["target"])
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         check_resume(out_dir, resolved)
     writer = ShardWriter(out_dir, cfg.format, cfg.rows_per_shard, resume=cfg.resume)
-    atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+    atomic_write_text(out_dir / "config.yaml", config_yaml(resolved))
     sampling = cfg.sampling_params()
     sampling["chat_template_kwargs"] = {**target.chat_template_kwargs, **cfg.chat_template_kwargs}
     t0 = time.monotonic()
@@ -95,12 +97,12 @@ async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, wr
         return await run_loop(items, client, writer, sampling, cfg.concurrency, total=cfg.num_prompts)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
-def main(cfg: DictConfig) -> None:
+def _main(resolved: dict[str, Any]) -> None:
     install_signal_handlers()
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     run_stage1(resolved)
+
+
+main = hydra_entry("sample", _main)
 
 
 if __name__ == "__main__":

@@ -98,24 +98,3 @@ class SampleConfig:
             "seed": self.seed,
             "chat_template_kwargs": dict(self.chat_template_kwargs),
         }
-
-
-@dataclass
-class TargetInfo:
-    """The fields of ``conf/target/*.yaml`` stage 1 reads (see docs/CONTRACTS.md)."""
-
-    name: str
-    path: str
-    served_name: str
-    max_model_len: int = 4096
-    dtype: str = "bfloat16"
-    trust_remote_code: bool = False
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_mapping(cls, target: dict[str, Any]) -> "TargetInfo":
-        missing = [k for k in ("name", "path", "served_name") if not target.get(k)]
-        if missing:
-            raise ValueError(f"target config lacks {missing} (see conf/target/*.yaml)")
-        keys = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in target.items() if k in keys})

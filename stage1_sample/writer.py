@@ -15,45 +15,16 @@ Invariants (they make ``kill -9`` + resume lose and duplicate nothing):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.files import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+
 from .formats import SAMPLE_FORMAT
 
 PARTIAL = ".partial"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -214,7 +185,7 @@ class ShardWriter:
             "accounting": accounting,
             "complete": True,
         }
-        atomic_write_json(self.dir / "manifest.json", manifest)
+        atomic_write_json(self.dir / "manifest.json", manifest, indent=2)
         return manifest
 
     def close(self) -> None:

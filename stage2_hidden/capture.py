@@ -1,8 +1,8 @@
 """Target forward: aux-layer hidden states and the top-1 next token, several conversations per forward.
 
 * Layer id j is HF ``hidden_states[j]``: the residual stream entering decoder layer j (j = 0 is the
-  embedding output). It is captured with a forward *pre*-hook on ``model.model.layers[j]``, so only the
-  three aux layers are kept alive, never ``output_hidden_states=True``.
+  embedding output), captured by ``common.hf_target.AuxCapture`` (forward pre-hooks: only the aux layers
+  are kept alive, never ``output_hidden_states=True``).
 * ``target_ids[t] = argmax_v (norm(h_N[t]) @ W_lm^T)[v]``: the body (``model.model``) returns the final
   normed hidden state and the lm_head is applied ``lm_head_chunk`` tokens at a time, so no ``[T, V]``
   logits tensor exists (at 128K tokens and V = 128K that would be 32 GiB in bf16).
@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+
+from common.hf_target import AuxCapture, load_target_model, use_attention
 
 PACKED_ATTN = "stage2_packed"
 
@@ -43,47 +43,16 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out_BTHD, None
 
 
-def _no_mask(*args, **kwargs):
-    """Mask factory for ``stage2_packed``: the segments replace the mask."""
-    return None
-
-
-AttentionInterface.register(PACKED_ATTN, packed_attention)
-AttentionMaskInterface.register(PACKED_ATTN, _no_mask)
-
-
-def default_layer_ids(num_layers: int) -> list[int]:
-    """vLLM's EAGLE-3 default aux layers: [2, N//2, N-3]."""
-    return [2, num_layers // 2, num_layers - 3]
-
-
-def validate_layer_ids(layer_ids, num_layers: int) -> list[int]:
-    ids = [int(j) for j in layer_ids]
-    if not ids or len(set(ids)) != len(ids) or any(not 0 <= j < num_layers for j in ids):
-        raise ValueError(f"layer_ids {ids} must be distinct integers in [0, {num_layers - 1}] "
-                         f"(id j = input of decoder layer j; the target has {num_layers} layers)")
-    return ids
-
-
 def load_target(path: str, dtype: str = "bfloat16", device: str = "cpu", device_map: str | None = None,
                 trust_remote_code: bool = False):
-    """HF causal LM in eval mode with the packed attention (safetensors only)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
-                  attn_implementation="sdpa")
-    if device_map:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not device_map:
-        model.to(device)
-    return prepare_model(model)
+    """The target (common.hf_target's loader) with the packed attention."""
+    return prepare_model(load_target_model(path, dtype, device, device_map, trust_remote_code))
 
 
 def prepare_model(model):
     """Switch a loaded HF causal LM to packed attention, eval mode, no grads."""
     model.eval().requires_grad_(False)
-    model.set_attn_implementation(PACKED_ATTN)
+    use_attention(model, PACKED_ATTN, packed_attention)
     return model
 
 
@@ -99,21 +68,12 @@ class HiddenCapture:
 
     def __init__(self, model, layer_ids, lm_head_chunk: int = 4096):
         self.model = model
-        self.layers = model.model.layers
-        self.layer_ids = validate_layer_ids(layer_ids, len(self.layers))
+        self.aux = AuxCapture(model, layer_ids)
+        self.layer_ids = self.aux.layer_ids
         self.lm_head_chunk = int(lm_head_chunk)
-        self._saved: dict[int, torch.Tensor] = {}
-        self._hooks = [self.layers[j].register_forward_pre_hook(self._hook(j), with_kwargs=True)
-                       for j in self.layer_ids]
-
-    def _hook(self, j: int):
-        def save(module, args, kwargs):
-            self._saved[j] = args[0] if args else kwargs["hidden_states"]
-        return save
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        self.aux.close()
 
     @property
     def device(self) -> torch.device:
@@ -127,10 +87,10 @@ class HiddenCapture:
         segments = list(zip(bounds[:-1], bounds[1:]))
         ids_1T = torch.cat(seqs).to(self.device, torch.long, non_blocking=True)[None]
         pos_1T = torch.cat([torch.arange(n) for n in lengths]).to(self.device, non_blocking=True)[None]
-        self._saved.clear()
+        self.aux.clear()
         last_1TH = self.model.model(input_ids=ids_1T, position_ids=pos_1T, use_cache=False,
                                     stage2_segments=segments).last_hidden_state
-        aux = [self._saved.pop(j)[0] for j in self.layer_ids]           # num_aux x [T, H]
+        aux = [a[0] for a in self.aux.pop()]                            # num_aux x [T, H]
         out_dev = aux[0].device
         hidden_TW = torch.cat([a.to(out_dev) for a in aux], dim=-1)     # [T, num_aux * H]
         return Capture(hidden_TW, self.argmax_chunked(last_1TH[0]).to(out_dev))

@@ -1,21 +1,13 @@
-"""Stage-2 settings (the ``hidden:`` group of conf/hidden.yaml plus the target preset), checked early.
+"""Stage-2 settings (the ``hidden:`` group of conf/hidden.yaml; the target preset is ``common.target.TargetSpec``).
 
 Plain dataclasses, no Hydra import, so the GPU benchmark and tests can use them directly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-
-@dataclass
-class TargetConfig:
-    name: str = "smollm2-135m"
-    path: str = "data/models/SmolLM2-135M-Instruct"
-    dtype: str = "bfloat16"
-    trust_remote_code: bool = False
-    context_length: int | None = None
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+from common.target import TargetSpec
 
 
 @dataclass
@@ -61,7 +53,6 @@ def _build(cls, data: dict[str, Any]):
     return cls(**data)
 
 
-def from_dict(cfg: dict[str, Any]) -> tuple[TargetConfig, HiddenConfig]:
-    """(target, hidden) from the resolved top-level config dict; target preset keys stage 2 ignores are dropped."""
-    target = {k: v for k, v in dict(cfg.get("target") or {}).items() if k in {f.name for f in fields(TargetConfig)}}
-    return _build(TargetConfig, target), _build(HiddenConfig, dict(cfg.get("hidden") or {}))
+def from_dict(cfg: dict[str, Any]) -> tuple[TargetSpec, HiddenConfig]:
+    """(target, hidden) from the resolved top-level config dict."""
+    return TargetSpec.from_mapping(dict(cfg.get("target") or {})), _build(HiddenConfig, dict(cfg.get("hidden") or {}))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import queue
 import threading
 import time
@@ -25,11 +24,19 @@ from typing import Iterator
 
 import torch
 
-from .capture import HiddenCapture, default_layer_ids, load_target, pack_groups, validate_layer_ids
-from .config import HiddenConfig, TargetConfig
+from common.distributed import World, init_world
+from common.files import atomic_write_text
+from common.logs import get_logger
+from common.target import TargetSpec, aux_layer_ids
+
+from .capture import HiddenCapture, load_target, pack_groups
+from .config import HiddenConfig
+from .format import PARTS, make_schema
 from .render import ChatRenderer, Rendered, RenderStats, fit_length, template_hash
-from .shards import PARTS, ShardWriter, atomic_write_text, make_schema, shard_info, write_manifest
+from .shards import ShardWriter, shard_info, write_manifest
 from .vocab import build_and_save_vocab
+
+log = get_logger("stage2")
 
 
 def iter_rendered(hcfg: HiddenConfig, renderer: ChatRenderer, max_length: int, stats: RenderStats) -> Iterator[Rendered]:
@@ -225,20 +232,6 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _dist() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    return rank, world, local
-
-
-def _resolve_device(hcfg: HiddenConfig, local_rank: int) -> str:
-    if hcfg.device != "auto":
-        return hcfg.device
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-
-
 def _check_identity(out_dir: Path, identity: dict, rank: int) -> None:
     """Refuse to mix shards of different settings in one folder."""
     path = out_dir / PARTS / "run.json"
@@ -253,16 +246,25 @@ def _check_identity(out_dir: Path, identity: dict, rank: int) -> None:
         atomic_write_text(path, json.dumps(identity, indent=1))
 
 
-def run(target: TargetConfig, hcfg: HiddenConfig) -> dict | None:
-    """Run stage 2; returns the manifest on rank 0 (None on other ranks)."""
+def run(target: TargetSpec, hcfg: HiddenConfig) -> dict | None:
+    """Run stage 2; returns the manifest on rank 0 (None on other ranks). Ranks talk over gloo (they may share one
+    GPU: a small target is host-bound in one process)."""
+    world = init_world(hcfg.device, backend="gloo", timeout=datetime.timedelta(hours=48))
+    try:
+        return _run(target, hcfg, world)
+    finally:
+        world.close()
+
+
+def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | None:
     from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.time()
-    rank, world, local_rank = _dist()
+    rank, world = world_info.rank, world_info.world_size
     model_cfg = AutoConfig.from_pretrained(target.path, trust_remote_code=target.trust_remote_code)
     text_cfg = model_cfg.get_text_config()
     num_layers, hidden_size, vocab_size = text_cfg.num_hidden_layers, text_cfg.hidden_size, text_cfg.vocab_size
-    layer_ids = validate_layer_ids(hcfg.layer_ids or default_layer_ids(num_layers), num_layers)
+    layer_ids = aux_layer_ids(hcfg.layer_ids, num_layers, "hidden.layer_ids")
     max_length = int(hcfg.max_length or target.context_length or text_cfg.max_position_embeddings)
     tok = AutoTokenizer.from_pretrained(target.path, trust_remote_code=target.trust_remote_code)
     renderer = ChatRenderer(tok, target.chat_template_kwargs)
@@ -285,7 +287,7 @@ def run(target: TargetConfig, hcfg: HiddenConfig) -> dict | None:
     bytes_per_token = len(layer_ids) * hidden_size * 2 + 9
     plan = plan_shards(iter_rendered(hcfg, renderer, max_length, stats), hcfg.rows_per_shard,
                        hcfg.shard_bytes, bytes_per_token)
-    num_shards, computed_tokens = _capture_all(plan, target, hcfg, fields, out_dir, rank, world, local_rank)
+    num_shards, computed_tokens = _capture_all(plan, target, hcfg, fields, out_dir, world_info)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
@@ -293,9 +295,11 @@ def run(target: TargetConfig, hcfg: HiddenConfig) -> dict | None:
     return _finalize(out_dir, num_shards, fields, stats, time.time() - t0, computed_tokens)
 
 
-def _capture_all(plan, target, hcfg, fields, out_dir, rank, world, local_rank) -> tuple[int, int]:
+def _capture_all(plan, target, hcfg, fields, out_dir, world_info: World) -> tuple[int, int]:
     """Compute this rank's missing shards; returns (number of shards in the plan, tokens computed)."""
     from tqdm import tqdm
+
+    rank, world = world_info.rank, world_info.world_size
 
     cap = writer = staging = None
     num_shards = tokens = 0
@@ -306,8 +310,7 @@ def _capture_all(plan, target, hcfg, fields, out_dir, rank, world, local_rank) -
         if index % world != rank or shard_info(out_dir, index) is not None:
             continue
         if cap is None:  # load the target only when there is work
-            device = _resolve_device(hcfg, local_rank)
-            model = load_target(target.path, hcfg.dtype or target.dtype, device, hcfg.device_map,
+            model = load_target(target.path, hcfg.dtype or target.dtype, world_info.device, hcfg.device_map,
                                 target.trust_remote_code)
             cap = HiddenCapture(model, fields["layer_ids"], hcfg.lm_head_chunk)
             width = len(fields["layer_ids"]) * fields["hidden_size"]
@@ -336,7 +339,7 @@ def _finalize(out_dir: Path, num_shards: int, fields: dict, stats: RenderStats, 
                             "truncated": stats.truncated, "server_ids": stats.server_ids,
                             "server_ids_mismatch": stats.server_ids_mismatch, "span_fallback": stats.span_fallback}
     manifest = write_manifest(out_dir, infos, fields, elapsed_s=round(elapsed, 3))
-    print(f"stage2: {manifest['num_rows']} rows, {manifest['num_tokens']} tokens in {num_shards} shards "
+    log.info(f"{manifest['num_rows']} rows, {manifest['num_tokens']} tokens in {num_shards} shards "
           f"({computed} tokens computed now, {elapsed:.1f}s); {manifest['bytes_per_token']:.1f} bytes/token; "
           f"coverage {fields['coverage']:.4f}; accounting {fields['accounting']}")
     return manifest

@@ -15,19 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .shards import FORMAT_VERSION, MANIFEST, file_sha256
+from common.files import sha256_file
 
-
-def open_shard(path) -> pa.RecordBatchFileReader:
-    """Memory-mapped Arrow IPC file reader; ``ValueError`` naming the file if it is not a whole shard."""
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    except (OSError, pa.ArrowInvalid) as e:
-        raise ValueError(f"{path}: not a readable shard ({e})") from e
-    meta = reader.schema.metadata or {}
-    if meta.get(b"eagle3.format", b"").decode() != FORMAT_VERSION:
-        raise ValueError(f"{path}: not an {FORMAT_VERSION} shard")
-    return reader
+from .format import FORMAT_VERSION, MANIFEST, open_shard
 
 
 def _torch_view(arr: np.ndarray) -> torch.Tensor:
@@ -106,5 +96,5 @@ class ShardDataset:
         """sha256 of every shard against the manifest; ``ValueError`` naming the first bad file."""
         for entry in self.manifest["shards"]:
             path = self.dir / entry["file"]
-            if file_sha256(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise ValueError(f"{path}: sha256 mismatch (corrupted shard)")

@@ -99,6 +99,12 @@ class ChatRenderer:
         return self.tok.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **self.kwargs)
 
+    def prompt_ids(self, messages, tools=None) -> list[int]:
+        """Token ids of `messages` with the generation prompt: what a server sees before the next answer (the
+        template's own BOS kept, none added twice). The offline evaluation prompts the target with exactly this."""
+        return self.tok(self.text(clean_messages(messages), tools, add_generation_prompt=True),
+                        add_special_tokens=False)["input_ids"]
+
     def spans(self, messages, tools=None) -> tuple[str, list[tuple[int, int]], int]:
         """(full text, assistant char spans, number of spans found by the fallback search)."""
         full = self.text(messages, tools)
@@ -154,8 +160,7 @@ class ChatRenderer:
         if last is not None and messages[last].get("completion_token_ids"):
             prompt = messages[last].get("prompt_token_ids") or []
             completion = messages[last]["completion_token_ids"]
-            prefix = self.tok(self.text(clean[:last], tools, add_generation_prompt=True),
-                              add_special_tokens=False)["input_ids"]
+            prefix = self.prompt_ids(clean[:last], tools)
             if list(prompt) == list(prefix) and list(ids[: len(prefix)]) == list(prefix):
                 ids = np.asarray(list(prompt) + list(completion), dtype=np.int32)
                 mask = np.concatenate([mask[: len(prompt)], np.ones(len(completion), np.uint8)])

@@ -1,4 +1,4 @@
-"""Arrow IPC shards of hidden states: schema, atomic shard writer, manifest.
+"""Writing Arrow IPC shards of hidden states: the atomic shard writer and the manifest (the format: ``format.py``).
 
 One record batch per row (conversation), so rows stream to disk as they are computed and a reader
 memory-maps any row without touching the others. Columns (no compression, so bytes on disk per token
@@ -10,7 +10,7 @@ are ``num_aux * H * 2`` hidden + 4 input id + 4 target id + 1 mask = ``3 * H * 2
     target_ids  list<int32>   [T]   argmax of the target's logits at t (its prediction of token t+1)
     hidden      large_binary  T * W * 2 bytes: bf16 [T, W], W = num_aux * H, layers in layer_ids order
 
-Schema metadata: ``eagle3.format``, ``eagle3.hidden_dtype``, ``eagle3.hidden_width``, ``eagle3.layer_ids``.
+The schema and its metadata live in ``format.py``.
 
 A shard is written to ``.tmp-<name>`` in the same folder (hashed and flushed by helper threads while it
 is written), fsynced and renamed to ``shard-NNNNN.arrow``; its facts (rows, tokens, bytes, sha256) then go
@@ -26,48 +26,14 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = "eagle3-hidden/1"
-PARTS = ".parts"
-MANIFEST = "manifest.json"
+from common.files import atomic_write_text, fsync_dir, sha256_file
 
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.arrow"
-
-
-def make_schema(width: int, layer_ids: list[int], dtype: str = "bfloat16") -> pa.Schema:
-    fields = [pa.field("id", pa.string()), pa.field("input_ids", pa.list_(pa.int32())),
-              pa.field("loss_mask", pa.list_(pa.uint8())), pa.field("target_ids", pa.list_(pa.int32())),
-              pa.field("hidden", pa.large_binary())]
-    meta = {"eagle3.format": FORMAT_VERSION, "eagle3.hidden_dtype": dtype,
-            "eagle3.hidden_width": str(width), "eagle3.layer_ids": json.dumps(list(layer_ids))}
-    return pa.schema(fields, metadata=meta)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """temp + fsync + rename (+ fsync of the folder)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+from .format import FORMAT_VERSION, MANIFEST, PARTS, open_shard, shard_name
 
 def _list_array(values: np.ndarray, pa_type) -> pa.Array:
     """One-row list<...> array over ``values`` without copying them."""
@@ -278,7 +244,7 @@ class ShardWriter:
         sha = self._finish_tail()
         final = self.out_dir / self.name
         os.replace(self.tmp, final)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         info = {"file": self.name, "rows": self.rows, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
                 "bytes": final.stat().st_size, "sha256": sha}
         parts = self.out_dir / PARTS
@@ -309,7 +275,6 @@ def shard_info(out_dir: Path, index: int) -> dict[str, Any] | None:
     if part.exists():
         return json.loads(part.read_text())
     # killed between the rename and the part file: recompute (the file itself is complete)
-    from .reader import open_shard
     reader = open_shard(path)
     rows = tokens = loss = 0
     for b in range(reader.num_record_batches):
@@ -318,18 +283,10 @@ def shard_info(out_dir: Path, index: int) -> dict[str, Any] | None:
         tokens += len(batch.column("input_ids").values)
         loss += int(np.asarray(batch.column("loss_mask").values).sum())
     info = {"file": name, "rows": rows, "tokens": tokens, "loss_tokens": loss,
-            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     (out_dir / PARTS).mkdir(exist_ok=True)
     atomic_write_text(out_dir / PARTS / f"{name}.json", json.dumps(info))
     return info
-
-
-def file_sha256(path: Path, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(out_dir: Path, shards: list[dict], fields: dict[str, Any], elapsed_s: float | None = None) -> dict:
@@ -344,37 +301,3 @@ def write_manifest(out_dir: Path, shards: list[dict], fields: dict[str, Any], el
                 "complete": True, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": elapsed_s}
     atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def write_shards(out_dir, rows: Iterable[dict], manifest_fields: dict[str, Any], rows_per_shard: int = 64,
-                 draft_vocab_size: int | None = None) -> dict:
-    """Write ``rows`` (dicts: id, input_ids, loss_mask, target_ids, hidden bf16 [T, W]) as a complete
-    shard set: shards, ``vocab.safetensors`` and ``manifest.json``. For tests of other stages and tools.
-
-    ``manifest_fields`` must hold ``layer_ids``, ``hidden_size`` and ``vocab_size``; the rest
-    (target, dtype, max_length, ...) is copied into the manifest as given."""
-    from .vocab import build_and_save_vocab
-
-    for key in ("layer_ids", "hidden_size", "vocab_size"):
-        if key not in manifest_fields:
-            raise ValueError(f"manifest_fields needs {key!r}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    layer_ids = list(manifest_fields["layer_ids"])
-    schema = make_schema(len(layer_ids) * int(manifest_fields["hidden_size"]), layer_ids)
-    infos, writer = [], None
-    for i, row in enumerate(rows):
-        if writer is None:
-            writer = ShardWriter(out_dir, len(infos), schema)
-        writer.write_row(str(row["id"]), row["input_ids"], row["loss_mask"], row["target_ids"], row["hidden"])
-        if writer.rows == rows_per_shard:
-            infos.append(writer.close())
-            writer = None
-    if writer is not None:
-        infos.append(writer.close())
-    fields = {"num_aux_layers": len(layer_ids), "dtype": "bfloat16", **manifest_fields}
-    vocab_size = int(fields["vocab_size"])
-    dvs = min(int(draft_vocab_size or fields.get("draft_vocab_size") or vocab_size), vocab_size)
-    fields["draft_vocab_size"] = dvs
-    fields["coverage"] = build_and_save_vocab(out_dir, [i["file"] for i in infos], vocab_size, dvs)
-    return write_manifest(out_dir, infos, fields)

@@ -16,13 +16,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.files import atomic_save_file
+
+from .format import open_shard
+
 VOCAB_FILE = "vocab.safetensors"
 
 
 def count_targets(shard_paths, vocab_size: int) -> np.ndarray:
     """int64 [V] counts of target ids under the loss mask, over all rows of the shards."""
-    from .reader import open_shard
-
     counts = np.zeros(vocab_size, dtype=np.int64)
     for path in shard_paths:
         reader = open_shard(path)
@@ -50,10 +52,8 @@ def build_vocab(counts: np.ndarray, draft_vocab_size: int) -> tuple[torch.Tensor
 
 
 def save_vocab(out_dir, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-    out = Path(out_dir) / VOCAB_FILE
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file({"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}, str(tmp))
-    tmp.replace(out)
+    tensors = {"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}
+    atomic_save_file(Path(out_dir) / VOCAB_FILE, lambda tmp: save_file(tensors, tmp))
 
 
 def load_vocab(out_dir) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ class TrainConfig:
     # ---- where ----
     data: str = "data/hidden/smollm2-135m"   # stage-2 shard folder (manifest.json + shard-*.arrow + vocab.safetensors)
     out: str = "data/train/smollm2-135m"     # run folder: checkpoints, metrics.jsonl, tb/, curves.png, export/
-    preset: str | None = None                # named preset of conf/preset/<name>.yaml, applied under CLI overrides
+
     init_from: str | None = None             # a published EAGLE-3 export folder to fine-tune (None = random init)
     # ---- data ----
     seed: int = 0                  # model init + data order; same seed => same run, for any world size

@@ -289,12 +289,14 @@ def check_manifest(manifest: dict[str, Any], target_cfg: dict[str, Any], layer_i
                    where: str) -> list[int]:
     """Refuse shards captured from another target or other layers, before any heavy work; returns the layer ids.
 
-    Compared: hidden size, vocab size, the aux layer ids (`layer_ids`; None = the engines' default
-    (2, N//2, N-3)), and that num_aux_layers = len(layer_ids) with every id in [0, N] (id j = HF hidden_states[j]).
+    Compared: hidden size, vocab size, the aux layer ids (`layer_ids`; None = the engines' default), and that
+    num_aux_layers = len(layer_ids); the ids follow `common.target.aux_layer_ids`'s rule.
     """
-    tcfg = target_cfg.get("text_config") or target_cfg
+    from common.target import aux_layer_ids, text_config
+
+    tcfg = text_config(target_cfg)
     n_layers = int(tcfg["num_hidden_layers"])
-    want_ids = list(layer_ids) if layer_ids is not None else [2, n_layers // 2, n_layers - 3]
+    want_ids = aux_layer_ids(layer_ids, n_layers, "train.layer_ids")
     got_ids = [int(i) for i in manifest.get("layer_ids", [])]
     problems = []
     for key in ("hidden_size", "vocab_size"):
@@ -304,8 +306,11 @@ def check_manifest(manifest: dict[str, Any], target_cfg: dict[str, Any], layer_i
         problems.append(f"layer_ids {got_ids} in the shards, {want_ids} configured (train.layer_ids)")
     if int(manifest.get("num_aux_layers", -1)) != len(got_ids):
         problems.append(f"num_aux_layers {manifest.get('num_aux_layers')} != len(layer_ids) {len(got_ids)}")
-    if any(not 0 <= i <= n_layers for i in got_ids):
-        problems.append(f"layer_ids {got_ids} outside [0, {n_layers}] for a {n_layers}-layer target")
+    if got_ids == want_ids:
+        try:
+            aux_layer_ids(got_ids, n_layers, "the shards' layer_ids")
+        except ValueError as e:
+            problems.append(str(e))
     if problems:
         raise ValueError(f"shards {where} do not match the configured target: " + "; ".join(problems))
     return got_ids

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.target import default_aux_layer_ids
+
 ARCH = "LlamaForCausalLMEagle3"
 WEIGHT_KEYS = (
     "fc.weight", "norm.weight", "lm_head.weight",
@@ -46,12 +48,6 @@ TARGET_KEYS = ("max_position_embeddings", "rope_theta", "rope_scaling", "rope_pa
 # The draft's shape in config.json (names as in HF LlamaConfig).
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
               "rms_norm_eps", "draft_vocab_size")
-
-
-def default_aux_layer_ids(num_target_layers: int) -> list[int]:
-    """vLLM's and SGLang's default EAGLE-3 aux layers for a target with N layers: (2, N//2, N-3)."""
-    n = num_target_layers
-    return [2, n // 2, n - 3]
 
 
 def export_config(shape: dict[str, Any], target_cfg: dict[str, Any], layer_ids: list[int]) -> dict[str, Any]:

@@ -57,15 +57,17 @@ class SPGroup:
     dp_size: int
 
     @staticmethod
-    def create(sp_size: int, device_type: str) -> "SPGroup":
-        world = dist.get_world_size()
-        if sp_size < 1 or world % sp_size:
-            raise ValueError(f"train.sequence_parallel={sp_size} must be >= 1 and divide the world size {world}")
-        from torch.distributed.device_mesh import init_device_mesh
+    def from_mesh(mesh) -> "SPGroup":
+        """This rank's place in the ("dp", "sp") mesh of `common.distributed`."""
+        sp, dp = mesh["sp"], mesh["dp"]
+        return SPGroup(sp.get_group(), sp.get_local_rank(), sp.size(), dp.get_local_rank(), dp.size())
 
-        mesh = init_device_mesh(device_type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-        return SPGroup(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), sp_size,
-                       mesh["dp"].get_local_rank(), world // sp_size)
+    @staticmethod
+    def create(sp_size: int, device_type: str) -> "SPGroup":
+        """From the one mesh builder, over the initialised process group."""
+        from common.distributed import build_mesh
+
+        return SPGroup.from_mesh(build_mesh(sp_size, device_type))
 
 
 @dataclass(frozen=True)

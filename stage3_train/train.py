@@ -18,18 +18,18 @@ update equals the one of whole rows on dp_size ranks.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from common.distributed import World, init_world
+from common.logs import get_logger
+from common.target import load_config_json
 from stage3_train import checkpoint
 from stage3_train.config import TrainConfig
 from stage3_train.data import (PackedLoader, Prefetcher, check_manifest, eval_batches, open_shards, split_rows,
@@ -38,51 +38,7 @@ from stage3_train.metrics import MetricsLogger, acceptance_length, format_line, 
 from stage3_train.parallelize import parallelize
 from stage3_train.sequence_parallel import SPGroup, shard_collated
 
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    mesh: DeviceMesh
-    owns_group: bool  # we created the process group (so we destroy it at the end)
-
-
-def init_distributed(device_pref: str | None) -> Dist:
-    """torchrun's env:// group when RANK is set; else a 1-rank group over an in-memory store (no port, no env
-    changes). NCCL with CUDA, gloo on CPU. An already initialised group (tests, notebooks) is reused."""
-    use_cuda = device_pref == "cuda" or (device_pref is None and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        backend = "nccl" if use_cuda else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return Dist(dist.get_rank(), dist.get_world_size(), device, mesh, owns)
-
-
-def load_target_config(path: str, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:
-    """(local folder, raw config.json dict) of the target; a hub id is resolved through the HF cache (stage 2
-    downloaded it already), fetching only json and safetensors files."""
-    import json
-
-    folder = Path(path)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"target {path}: no config.json in {folder}")
-    return folder, json.loads(cfg_file.read_text())
+log = get_logger("stage3")
 
 
 def build_model(cfg: TrainConfig, ds, target_cfg: dict[str, Any], target_dir: Path, device: torch.device):
@@ -131,7 +87,7 @@ def summarize(stats: torch.Tensor, k: int, decay: float) -> dict[str, Any]:
     return {"loss": loss, "acc": acc, "accept_len": acceptance_length(acc), "valid": stats[2 * k:3 * k].tolist()}
 
 
-def prepare_batch(raw: dict[str, Any], d: Dist, k: int, sp: SPGroup | None):
+def prepare_batch(raw: dict[str, Any], d: World, k: int, sp: SPGroup | None):
     """A collated micro-batch -> (PackedBatch on the device, None), or with sequence parallelism this rank's slice
     and its SequenceShard (the loader collated only this rank's hidden slice: host and device memory O(T/N))."""
     if sp is None:
@@ -139,7 +95,7 @@ def prepare_batch(raw: dict[str, Any], d: Dist, k: int, sp: SPGroup | None):
     return shard_collated(raw, sp, k, d.device)
 
 
-def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int, d: Dist,
+def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int, d: World,
                sp: SPGroup | None = None) -> torch.Tensor:
     """Forward/backward over the micro-batches of one optimizer step (no optimizer update).
 
@@ -184,14 +140,14 @@ def _clip(model, max_norm: float, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, ds, val_idx: list[int], cfg: TrainConfig, d: Dist, sp: SPGroup | None = None) -> dict[str, Any]:
+def validate(model, ds, val_idx: list[int], cfg: TrainConfig, d: World, sp: SPGroup | None = None) -> dict[str, Any]:
     """Loss, per-step accuracy and acceptance length over the validation rows (all ranks, every row once)."""
     from stage3_train.ttt import ttt_forward
 
     k = cfg.ttt_steps
     stats = torch.zeros(3 * k, dtype=torch.float64, device=d.device)
     ones_k = torch.ones(k, device=d.device)
-    rank, world = (d.rank, d.world) if sp is None else (sp.dp_rank, sp.dp_size)
+    rank, world = (d.rank, d.world_size) if sp is None else (sp.dp_rank, sp.dp_size)
     part = None if sp is None else (sp.rank, sp.size)
     for raw in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=rank,
                             world_size=world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows,
@@ -214,7 +170,7 @@ def _peak_mem_gib(device: torch.device) -> float:
 class Trainer:
     """Holds the run's objects; `run()` is the whole loop. Split out of one function to keep each piece short."""
 
-    def __init__(self, cfg: TrainConfig, target: dict[str, Any], d: Dist):
+    def __init__(self, cfg: TrainConfig, target: dict[str, Any], d: World):
         # The draft's step returns views (v = v_proj(x).view(...)); nothing writes into them in place, so
         # FSDP2's warning about in-place ops on views does not apply.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -222,11 +178,11 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.ds = open_shards(cfg.data, cfg.verify_shards)
-        self.target_dir, target_cfg = load_target_config(target["path"], bool(target.get("trust_remote_code")))
+        self.target_dir, target_cfg = load_config_json(target["path"])
         self.model, self.draft_cfg, self.layer_ids = build_model(cfg, self.ds, target_cfg, self.target_dir,
                                                                  self.d.device)
         self.meta = run_meta(self.draft_cfg, target_cfg, self.layer_ids, target)
-        self.ac = parallelize(self.model, mesh=self.d.mesh, param_dtype=cfg.param_dtype,
+        self.ac = parallelize(self.model, mesh=self.d.fsdp_mesh, param_dtype=cfg.param_dtype,
                               activation_checkpointing=cfg.activation_checkpointing)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -234,7 +190,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         # sequence parallelism: ranks of one SP group share rows (the loader sees the dp axis only)
         self.sp = SPGroup.create(cfg.sequence_parallel, d.device.type) if cfg.sequence_parallel > 1 else None
-        dp_rank, dp_size = (d.rank, d.world) if self.sp is None else (self.sp.dp_rank, self.sp.dp_size)
+        dp_rank, dp_size = (d.rank, d.world_size) if self.sp is None else (self.sp.dp_rank, self.sp.dp_size)
         train_idx, self.val_idx = split_rows([str(self.ds[i]["id"]) for i in range(len(self.ds))], cfg.val_fraction)
         self.loader = PackedLoader(self.ds, train_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows,
                                    rank=dp_rank, world_size=dp_size, seed=cfg.seed,
@@ -262,12 +218,11 @@ class Trainer:
         return int(state["step"])
 
     def log(self, text: str) -> None:
-        if self.d.rank == 0:
-            print(f"[stage3] {text}", flush=True)
+        log.info(text)  # rank 0 only (common.logs)
 
     def save(self) -> None:
         train_state = {"scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(),
-                       "world_size": self.d.world, "config": self.cfg.to_dict()}
+                       "world_size": self.d.world_size, "config": self.cfg.to_dict()}
         folder = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, train_state, self.meta,
                                  self.cfg.keep_ckpts)
         self.log(f"checkpoint {folder}")
@@ -281,7 +236,7 @@ class Trainer:
         tokens, sq = float(acc_stats[3 * k]), float(acc_stats[3 * k + 1])
         m["tokens_per_s"] = tokens / elapsed
         flops = num_flops_per_token(self.draft_cfg, k, int(sq / max(tokens, 1.0)))
-        m["mfu"] = m["tokens_per_s"] / self.d.world * flops / self.peak if self.peak else None
+        m["mfu"] = m["tokens_per_s"] / self.d.world_size * flops / self.peak if self.peak else None
         m["lr"] = self.scheduler.get_last_lr()[0]
         m["grad_norm"] = grad_norm
         m["peak_mem_gib"] = _peak_mem_gib(self.d.device)
@@ -292,14 +247,14 @@ class Trainer:
     def _eval(self) -> None:
         if not self.val_idx:
             return
-        m = evaluate(self.model, self.ds, self.val_idx, self.cfg, self.d, self.sp)
+        m = validate(self.model, self.ds, self.val_idx, self.cfg, self.d, self.sp)
         acc = " ".join(f"{a:.3f}" for a in m["acc"])
         self.log(f"val  step {self.step:>6} | loss {m['loss']:.4f} | acc {acc} | accept {m['accept_len']:.2f}")
         self.metrics.log("val", self.step, {key: v for key, v in m.items() if key != "valid"})
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.log(f"{len(self.ds)} conversations ({len(self.val_idx)} held out), world {self.d.world} "
+        self.log(f"{len(self.ds)} conversations ({len(self.val_idx)} held out), world {self.d.world_size} "
                  f"(sequence parallel {cfg.sequence_parallel}), "
                  f"{self.loader.steps_per_epoch() // cfg.grad_accum} steps/epoch, from step {self.step} to {cfg.steps}")
         self.batches = Prefetcher(self.loader, pin_memory=self.d.device.type == "cuda")
@@ -357,9 +312,8 @@ class Trainer:
 
 def run(cfg: TrainConfig, target: dict[str, Any]) -> dict[str, Any]:
     """Train per `cfg` against `target` (the conf/target preset: path, trust_remote_code, ...)."""
-    d = init_distributed(cfg.device)
+    d = init_world(cfg.device, sp_size=cfg.sequence_parallel)
     try:
         return Trainer(cfg, target, d).run()
     finally:
-        if d.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        d.close()

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from stage3_train.eval_offline import EvalConfig, _plain_args, acceptance_summary, evaluate, run
-from stage3_train.prompts import Prompt, load_prompts, messages_for, render
-from stage3_train.spec_decode import SpecResult, TargetModel, TreeSpec
+from evaluation.offline import EvalConfig, plain_args as _plain_args, acceptance_summary, evaluate_prompts as evaluate, run
+from evaluation.prompts import Prompt, load_prompts, messages_for, render
+from evaluation.spec_decode import SpecResult, TargetModel, TreeSpec
 from tests.fixtures.eval import OracleDrafter
 
 NEW_TOKENS = 16

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from stage3_train.eval_serve import (ServeBenchConfig, _parse_metrics_plain, _plain_args, acceptance_from_counters,
-                                     format_table, parse_metrics, run, spec_counters, summarize)
+from evaluation.serve import (ServeBenchConfig, _parse_metrics_plain, acceptance_from_counters, plain_args as _plain_args,
+                                     serve_table as format_table, parse_metrics, run, spec_counters, serve_summary as summarize)
 
 # vLLM 0.32's exposition of the counters (prometheus_client: *_total and *_created samples, engine/model labels)
 METRICS = """\

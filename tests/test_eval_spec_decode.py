@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stage3_train.spec_decode import (DraftTree, Eagle3Drafter, TargetModel, TreeSpec, accept_path,
+from evaluation.spec_decode import (DraftTree, Eagle3Drafter, TargetModel, TreeSpec, accept_path,
                                       speculative_generate)
 from tests.fixtures.eval import OracleDrafter, random_smollm2_draft
 

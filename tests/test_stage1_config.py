@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from stage1_sample.config import SampleConfig, TargetInfo
-from stage1_sample.server import vllm_command
+from common.target import TargetSpec as TargetInfo
+from stage1_sample.config import SampleConfig
+from common.server import vllm_command
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

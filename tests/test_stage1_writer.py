@@ -6,7 +6,8 @@ import json
 import pytest
 
 from stage1_sample.formats import Conversation, load_conversations
-from stage1_sample.writer import ShardWriter, sha256_file
+from common.files import sha256_file
+from stage1_sample.writer import ShardWriter
 
 
 def _row(i: int) -> dict:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stage2_hidden.capture import HiddenCapture, default_layer_ids, pack_groups, prepare_model
+from common.target import default_aux_layer_ids as default_layer_ids
+from stage2_hidden.capture import HiddenCapture, pack_groups, prepare_model
 
 
 def tiny_llama(dtype=torch.float32, seed=0):

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stage2_hidden.config import HiddenConfig, TargetConfig
+from common.target import TargetSpec as TargetConfig
+from stage2_hidden.config import HiddenConfig
 from stage2_hidden.pipeline import run
 from stage2_hidden.reader import ShardDataset
-from stage2_hidden.shards import PARTS
+from stage2_hidden.format import PARTS
 from stage2_hidden.vocab import load_vocab
 
 REPO = Path(__file__).resolve().parent.parent

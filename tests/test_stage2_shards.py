@@ -9,7 +9,7 @@ import torch
 
 from stage2_hidden import inspect as inspect_mod
 from stage2_hidden.reader import ShardDataset
-from stage2_hidden.shards import write_shards
+from tests.fixtures.shards import write_shards
 from stage2_hidden.vocab import build_vocab, load_vocab
 
 H, LAYERS, V = 576, [2, 15, 27], 50
@@ -128,7 +128,8 @@ def test_writer_hash_follows_large_rows(tmp_path):
     import hashlib
     import threading
 
-    from stage2_hidden.shards import ShardWriter, make_schema
+    from stage2_hidden.format import make_schema
+    from stage2_hidden.shards import ShardWriter
 
     before = threading.active_count()
     w = ShardWriter(tmp_path, 0, make_schema(3 * H, LAYERS), flush_bytes=1 << 20)
@@ -144,7 +145,8 @@ def test_writer_hash_follows_large_rows(tmp_path):
 def test_writer_abort_stops_helpers(tmp_path):
     import threading
 
-    from stage2_hidden.shards import ShardWriter, make_schema
+    from stage2_hidden.format import make_schema
+    from stage2_hidden.shards import ShardWriter
 
     before = threading.active_count()
     w = ShardWriter(tmp_path, 0, make_schema(3 * H, LAYERS))
@@ -162,7 +164,7 @@ def test_async_writer_error_surfaces_and_frees_buffers(tmp_path):
 
     from stage2_hidden.pipeline import AsyncShardWriter, Staged
     from stage2_hidden.render import Rendered
-    from stage2_hidden.shards import make_schema
+    from stage2_hidden.format import make_schema
 
     ring = queue.Queue()
     row = Rendered("c0", np.zeros(4, np.int32), np.ones(4, np.uint8), "template")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stage3_train.export import (WEIGHT_KEYS, default_aux_layer_ids, draft_from_export, export_checkpoint,
+from common.target import default_aux_layer_ids
+from stage3_train.export import (WEIGHT_KEYS, draft_from_export, export_checkpoint,
                                  export_config, export_state, layer_ids_of, read_export)
 from stage3_train.model import DraftConfig, Eagle3Draft, load_target_embeddings
 from stage3_train.train import run_meta
@@ -139,7 +140,7 @@ def test_vllm_cpu_server_serves_the_exported_smollm2_draft(tmp_path, smollm2_dir
     answers a chat request, and counts drafts in /metrics."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("vllm")
-    from stage1_sample.server import VLLMServer, free_port, vllm_command
+    from common.server import VLLMServer, free_port, vllm_command
 
     target_cfg = json.loads((Path(smollm2_dir) / "config.json").read_text())
     model = _random_draft(target_cfg, draft_vocab=32000)

@@ -101,7 +101,7 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, tiny_stage3):
 
 
 def test_nan_loss_stops_naming_step_and_batch(tmp_path, tiny_stage3):
-    from stage2_hidden.shards import write_shards
+    from tests.fixtures.shards import write_shards
 
     target, _ = tiny_stage3
     rows = list(tiny_rows(12, seed=5))

@@ -14,7 +14,8 @@ from stage3_train.train import run
 @pytest.fixture(scope="module")
 def smollm2_shards(smollm2_dir, tmp_path_factory) -> Path:
     """Shards of 24 ShareGPT conversations (<= 256 tokens each) captured from the real SmolLM2 by stage 2."""
-    from stage2_hidden.config import HiddenConfig, TargetConfig
+    from common.target import TargetSpec as TargetConfig
+    from stage2_hidden.config import HiddenConfig
     from stage2_hidden.pipeline import run as capture
 
     out = tmp_path_factory.mktemp("smollm2_shards")

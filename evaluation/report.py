@@ -1,32 +1,17 @@
-"""What the offline and serving evaluations share: atomic JSON, the acceptance plot, text tables, the hydra entry."""
+"""What the offline evaluation reports: the acceptance table and the acceptance plot."""
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from stage3_train.checkpoint import atomic_write_text
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Atomic: temp file in the same folder, fsync, rename (the checkpoint module's writer)."""
-    atomic_write_text(path, text)
-    return Path(path)
+from common.files import atomic_save_file
 
 
 def _spec_entries(per_dataset: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(k, v) for k, v in per_dataset.items() if isinstance(v, dict) and "acceptance_length" in v]
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
+def acceptance_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: dataset, draft shape, acceptance length, per-position acceptance, rounds, tokens."""
     lines = ["| dataset | draft | acceptance length | per-position acceptance | rounds | tokens |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -67,41 +52,6 @@ def plot_acceptance(results: dict[str, dict[str, Any]], path: Path) -> Path:
         ax_pos.legend(fontsize=8)
         ax_hist.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    atomic_save_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def hydra_main(config_name: str, section: str, run: Callable[[dict[str, Any]], Any]) -> None:
-    """Compose conf/<config_name>.yaml with the command-line overrides, save the resolved config into
-    `<section>.out`/config.yaml and call `run(resolved[section])`."""
-    import hydra
-    from omegaconf import DictConfig, OmegaConf
-
-    @hydra.main(version_base="1.3", config_path=str(CONF), config_name=config_name)
-    def _main(cfg: DictConfig) -> None:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        out = Path(resolved[section]["out"])
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        run(resolved[section])
-
-    _main()
-
-
-def main_entry(argv: list[str] | None, plain_args: Callable[[list[str]], Any], run: Callable[[Any], Any],
-               config_name: str, section: str, config_cls: type) -> None:
-    """Hydra entry point, or plain argparse (`--plain`, or Hydra not installed: the GPU stack)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        import hydra  # noqa: F401
-    except ImportError:
-        hydra = None
-    if hydra is None or "--plain" in argv:
-        run(plain_args(argv))
-        return
-    hydra_main(config_name, section, lambda resolved: run(config_cls(**resolved)))
+    return Path(path)

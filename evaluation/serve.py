@@ -1,8 +1,8 @@
 """Serving benchmark (`make bench-serve`): the same vLLM target without and with the EAGLE-3 draft.
 
-    python -m stage3_train.eval_serve bench.draft=data/train/smollm2-135m/export        (hydra, conf/bench_serve.yaml)
-    python -m stage3_train.eval_serve bench.concurrency=[1,4] bench.num_speculative_tokens=3 bench.num_prompts=20
-    python -m stage3_train.eval_serve --plain --target PATH --draft PATH ...            (argparse: no hydra)
+    python -m evaluation.serve bench.draft=data/train/smollm2-135m/export        (hydra, conf/bench_serve.yaml)
+    python -m evaluation.serve bench.concurrency=[1,4] bench.num_speculative_tokens=3 bench.num_prompts=20
+    python -m evaluation.serve --plain --target PATH --draft PATH ...            (argparse: no hydra)
 
 For each server (baseline: no speculation; eagle3: `--speculative-config {"method": "eagle3", "model": DRAFT,
 "num_speculative_tokens": k}`), started with stage 1's launcher on 127.0.0.1 and stopped afterwards, and for each
@@ -19,7 +19,6 @@ whether the greedy outputs of the two servers agree token for token.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -31,8 +30,13 @@ from typing import Any
 
 import httpx
 
-from stage3_train.eval_report import write_json, write_text
-from stage3_train.prompts import load_prompts, messages_for
+from common.entry import plain_config, plain_or_hydra
+from common.files import atomic_write_json, atomic_write_text
+from common.logs import get_logger
+from common.server import VLLMServer, free_port, install_signal_handlers, vllm_command
+from evaluation.prompts import load_prompts, messages_for
+
+log = get_logger("bench")
 
 SPEC_COUNTERS = {  # Prometheus sample names of vLLM's (v1) speculative-decoding counters
     "drafts": "vllm:spec_decode_num_drafts_total",
@@ -178,15 +182,15 @@ def bench_server(url: str, cfg: ServeBenchConfig, conversations: list[list[dict]
         before, _ = scrape(url)
         ids, tokens, wall = asyncio.run(_send_all(url, cfg, conversations, int(c)))
         after, text = scrape(url)
-        write_text(Path(cfg.out) / f"metrics-{name}.txt", text)   # the last raw /metrics, for inspection
+        atomic_write_text(Path(cfg.out) / f"metrics-{name}.txt", text)   # the last raw /metrics, for inspection
         entry: dict[str, Any] = {"requests": len(conversations), "output_tokens": tokens, "wall_s": round(wall, 3),
                                  "output_tokens_per_s": round(tokens / wall, 2), "completion_ids": ids}
         if speculative:
             entry["spec"] = acceptance_from_counters(before, after, cfg.num_speculative_tokens)
         passes[str(c)] = entry
-        print(f"[bench-serve] {name} c={c}: {tokens} tokens in {wall:.1f} s = "
+        log.info(f"{name} c={c}: {tokens} tokens in {wall:.1f} s = "
               f"{tokens / wall:.1f} tok/s" + (f", acceptance length {entry['spec']['acceptance_length']}"
-                                                if speculative else ""), flush=True)
+                                                if speculative else ""))
     return passes
 
 
@@ -198,20 +202,18 @@ def _speculative_args(cfg: ServeBenchConfig) -> list[str]:
 
 
 def run_server(cfg: ServeBenchConfig, conversations: list[list[dict]], speculative: bool) -> dict[str, Any]:
-    from stage1_sample.server import VLLMServer, free_port, vllm_command
-
     port = cfg.port or free_port()
     extra = list(cfg.extra_args) + (_speculative_args(cfg) if speculative else [])
     cmd = vllm_command(cfg.target, cfg.served_name, port, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                        trust_remote_code=cfg.trust_remote_code, extra_args=extra)
     name = "eagle3" if speculative else "baseline"
     log_file = Path(cfg.out) / f"server-{name}.log"
-    print(f"[bench-serve] starting the {name} server (log: {log_file})", flush=True)
+    log.info(f"starting the {name} server (log: {log_file})")
     with VLLMServer(cmd, port=port, env=cfg.env, log_file=log_file, startup_timeout=cfg.startup_timeout) as server:
         return {"command": cmd, "passes": bench_server(server.url, cfg, conversations, speculative)}
 
 
-def summarize(results: dict[str, Any]) -> dict[str, Any]:
+def serve_summary(results: dict[str, Any]) -> dict[str, Any]:
     """Per concurrency: tokens/s of both servers, the speedup, acceptance, and whether the outputs agree."""
     rows = {}
     for c, spec in results["eagle3"]["passes"].items():
@@ -227,7 +229,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
-def format_table(summary: dict[str, Any], k: int) -> str:
+def serve_table(summary: dict[str, Any], k: int) -> str:
     lines = [f"| concurrency | baseline tok/s | eagle3 (k={k}) tok/s | speedup | acceptance length | "
              "per-position acceptance | identical outputs |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for c, r in summary.items():
@@ -239,8 +241,6 @@ def format_table(summary: dict[str, Any], k: int) -> str:
 
 
 def run(cfg: ServeBenchConfig) -> dict[str, Any]:
-    from stage1_sample.server import install_signal_handlers
-
     install_signal_handlers()
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, turns="first")
     conversations = [messages_for(p, []) for p in prompts]
@@ -249,42 +249,23 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
                               "prompts": [p.id for p in prompts], "results": {}}
     for speculative in ([False] if cfg.baseline else []) + [True]:
         report["results"]["eagle3" if speculative else "baseline"] = run_server(cfg, conversations, speculative)
-        write_json(out / "bench_serve.json", {**report, "complete": False})
-    report["summary"] = summarize(report["results"])
-    table = format_table(report["summary"], cfg.num_speculative_tokens)
-    write_json(out / "bench_serve.json", {**report, "complete": True})
-    write_text(out / "bench_serve.md", table + "\n")
+        atomic_write_json(out / "bench_serve.json", {**report, "complete": False})
+    report["summary"] = serve_summary(report["results"])
+    table = serve_table(report["summary"], cfg.num_speculative_tokens)
+    atomic_write_json(out / "bench_serve.json", {**report, "complete": True})
+    atomic_write_text(out / "bench_serve.md", table + "\n")
     print(table)
-    print(f"[bench-serve] report {out / 'bench_serve.json'}")
+    log.info(f"report {out / 'bench_serve.json'}")
     return report
 
 
-def _plain_args(argv: list[str]) -> ServeBenchConfig:
-    """argparse CLI (no hydra): every ServeBenchConfig field as --field (lists space-separated, dicts JSON)."""
-    p = argparse.ArgumentParser(prog="python -m stage3_train.eval_serve --plain", description=__doc__.split("\n")[0])
-    p.add_argument("--plain", action="store_true")
-    for f in dataclasses.fields(ServeBenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("concurrency", "extra_args"):
-            p.add_argument(flag, nargs="*", type=int if f.name == "concurrency" else str)
-        elif f.name in ("env", "chat_template_kwargs"):
-            p.add_argument(flag, type=json.loads, help="JSON object")
-        elif f.type in ("bool",):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"))
-        elif f.type in ("int", "int | None"):
-            p.add_argument(flag, type=int)
-        elif f.type == "float":
-            p.add_argument(flag, type=float)
-        else:
-            p.add_argument(flag)
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and k != "plain"}
-    return ServeBenchConfig(**args)
+def plain_args(argv: list[str]) -> ServeBenchConfig:
+    """argparse CLI (no Hydra): every ServeBenchConfig field as --field (lists space-separated, dicts JSON)."""
+    return plain_config(ServeBenchConfig, argv, "python -m evaluation.serve --plain")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stage3_train.eval_report import main_entry
-
-    main_entry(argv, _plain_args, run, "bench_serve", "bench", ServeBenchConfig)
+    plain_or_hydra(argv, ServeBenchConfig, run, "bench_serve", "bench", "python -m evaluation.serve --plain")
 
 
 if __name__ == "__main__":

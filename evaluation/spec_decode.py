@@ -30,9 +30,9 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+
+from common.hf_target import AuxCapture, use_attention
 
 from stage3_train.model import Eagle3Draft, apply_rope
 
@@ -45,10 +45,6 @@ def _masked_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     assert spec_mask is not None, "the evaluation target must be called with spec_mask"
     return sdpa_attention_forward(module, query, key, value, spec_mask[None, None], dropout=dropout,
                                   scaling=scaling, is_causal=False)
-
-
-AttentionInterface.register(ATTN, _masked_attention)
-AttentionMaskInterface.register(ATTN, lambda *args, **kwargs: None)
 
 
 @dataclass
@@ -126,25 +122,15 @@ class TargetModel:
     """An HF causal LM with a KV cache, aux-layer pre-hooks and masked (tree) forwards."""
 
     def __init__(self, model, layer_ids: list[int]):
-        layers = model.model.layers
         layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(f"offline evaluation supports full-attention targets only; this one has layer types "
                              f"{sorted(set(layer_types))} (sliding windows / sinks): measure it with bench-serve")
-        if not layer_ids or any(not 0 <= j < len(layers) for j in layer_ids):
-            raise ValueError(f"aux layer ids {layer_ids} must lie in [0, {len(layers) - 1}]")
         self.model = model.eval().requires_grad_(False)
-        self.model.set_attn_implementation(ATTN)
-        self.layer_ids = list(layer_ids)
-        self._saved: dict[int, torch.Tensor] = {}
-        for j in self.layer_ids:
-            layers[j].register_forward_pre_hook(self._saver(j), with_kwargs=True)
+        use_attention(self.model, ATTN, _masked_attention)
+        self.aux = AuxCapture(self.model, layer_ids)
+        self.layer_ids = self.aux.layer_ids
         self.cache = None
-
-    def _saver(self, j: int):
-        def save(module, args, kwargs):
-            self._saved[j] = args[0] if args else kwargs["hidden_states"]
-        return save
 
     @property
     def device(self) -> torch.device:
@@ -165,14 +151,14 @@ class TargetModel:
         `logits_rows` and the aux features [n, num_aux * H] of every new row."""
         past, n = self.length, len(ids)
         mask = torch.cat([torch.ones(n, past, dtype=torch.bool), mask_nn], dim=1).to(self.device)
-        self._saved.clear()
+        self.aux.clear()
         out = self.model.model(input_ids=torch.tensor([ids], device=self.device),
                                position_ids=torch.tensor([positions], device=self.device),
                                past_key_values=self.cache, use_cache=True, spec_mask=mask)
         last_nH = out.last_hidden_state[0, logits_rows]
         # logits only for `logits_rows` (the prompt's last row in prefill): never [T, V]
         greedy = self.model.get_output_embeddings()(last_nH).argmax(-1).tolist()
-        aux_nW = torch.cat([self._saved.pop(j)[0] for j in self.layer_ids], dim=-1)
+        aux_nW = torch.cat([a[0] for a in self.aux.pop()], dim=-1)
         return greedy, aux_nW
 
     def prefill(self, prompt: list[int]) -> tuple[int, torch.Tensor]:

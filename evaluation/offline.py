@@ -1,8 +1,8 @@
 """Offline acceptance evaluation (`make eval`): the HF target + the trained draft, greedy speculative decoding.
 
-    python -m stage3_train.eval_offline eval.draft=data/train/smollm2-135m/export          (hydra, conf/eval.yaml)
-    python -m stage3_train.eval_offline eval.datasets=[gsm8k] eval.num_prompts=20 eval.chain_k=[3]
-    python -m stage3_train.eval_offline --plain --target PATH --draft PATH ...            (argparse: GPU stack)
+    python -m evaluation.offline eval.draft=data/train/smollm2-135m/export          (hydra, conf/eval.yaml)
+    python -m evaluation.offline eval.datasets=[gsm8k] eval.num_prompts=20 eval.chain_k=[3]
+    python -m evaluation.offline --plain --target PATH --draft PATH ...            (argparse: GPU stack)
 
 For every dataset and draft shape (chains of k = 3 and 7 by default, optionally a tree) it decodes every prompt
 (all turns, each conditioned on the target's own earlier answers) with `spec_decode.speculative_generate`, whose
@@ -16,9 +16,7 @@ Writes ${eval.out}/acceptance.json (atomically, `complete: true` last) and accep
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,8 +26,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from stage3_train.prompts import Prompt, load_prompts, messages_for, render
-from stage3_train.spec_decode import Eagle3Drafter, SpecResult, TargetModel, TreeSpec, speculative_generate
+from common.entry import plain_config, plain_or_hydra
+from common.files import atomic_write_json
+from common.logs import get_logger
+
+from evaluation.prompts import Prompt, load_prompts, messages_for, render
+from evaluation.spec_decode import Eagle3Drafter, SpecResult, TargetModel, TreeSpec, speculative_generate
+
+log = get_logger("eval")
 
 
 @dataclass
@@ -118,15 +122,16 @@ def load_draft(spec: str | Path, target_model, device: torch.device, dtype: torc
 
 def load_models(cfg: EvalConfig):
     """(TargetModel, tokenizer, Eagle3Drafter, eos ids) as the config says."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from common.hf_target import load_target_model
 
     from stage3_train.export import layer_ids_of
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tokenizer = AutoTokenizer.from_pretrained(cfg.target, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                                                 use_safetensors=True).to(device)
+    model = load_target_model(cfg.target, dtype, device, trust_remote_code=cfg.trust_remote_code)
     draft, draft_cfg = load_draft(cfg.draft, model, device, dtype)
     layer_ids = cfg.layer_ids or layer_ids_of(draft_cfg, len(model.model.layers))
     if len(layer_ids) != draft.config.num_aux_layers:
@@ -136,8 +141,9 @@ def load_models(cfg: EvalConfig):
     return TargetModel(model, list(layer_ids)), tokenizer, Eagle3Drafter(draft), eos_ids
 
 
-def evaluate(target: TargetModel, drafter, tokenizer, prompts: list[Prompt], spec: TreeSpec, max_new_tokens: int,
-             eos_ids: set[int], chat_template_kwargs: dict | None = None, desc: str = "") -> dict[str, Any]:
+def evaluate_prompts(target: TargetModel, drafter, tokenizer, prompts: list[Prompt], spec: TreeSpec,
+                     max_new_tokens: int, eos_ids: set[int], chat_template_kwargs: dict | None = None,
+                     desc: str = "") -> dict[str, Any]:
     """Decode every turn of every prompt; the summary of `acceptance_summary` plus timing."""
     results: list[SpecResult] = []
     accepted = rounds = 0
@@ -162,7 +168,7 @@ def evaluate(target: TargetModel, drafter, tokenizer, prompts: list[Prompt], spe
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    from stage3_train.eval_report import format_table, plot_acceptance, write_json
+    from evaluation.report import acceptance_table, plot_acceptance
 
     target, tokenizer, drafter, eos_ids = load_models(cfg)
     report: dict[str, Any] = {"format": "eagle3-eval/1", "config": dataclasses.asdict(cfg),
@@ -173,40 +179,24 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         name = Path(dataset).stem if Path(dataset).exists() else dataset
         report["results"][name] = {"num_prompts": len(prompts)}
         for spec in cfg.specs():
-            report["results"][name][spec.name] = evaluate(target, drafter, tokenizer, prompts, spec,
+            report["results"][name][spec.name] = evaluate_prompts(target, drafter, tokenizer, prompts, spec,
                                                           cfg.max_new_tokens, eos_ids, cfg.chat_template_kwargs,
                                                           desc=f"{name} {spec.name}")
-            write_json(out / "acceptance.json", {**report, "complete": False})  # partial results survive a crash
+            atomic_write_json(out / "acceptance.json", {**report, "complete": False})  # partial results survive a crash
     report["plot"] = str(plot_acceptance(report["results"], out / "acceptance.png"))
-    write_json(out / "acceptance.json", {**report, "complete": True})
-    print(format_table(report["results"]))
-    print(f"[eval] report {out / 'acceptance.json'}, plot {report['plot']}")
+    atomic_write_json(out / "acceptance.json", {**report, "complete": True})
+    print(acceptance_table(report["results"]))
+    log.info(f"report {out / 'acceptance.json'}, plot {report['plot']}")
     return report
 
 
-def _plain_args(argv: list[str]) -> EvalConfig:
-    """argparse CLI (machines without hydra): every EvalConfig field as --field (lists space-separated)."""
-    p = argparse.ArgumentParser(prog="python -m stage3_train.eval_offline --plain", description=__doc__.split("\n")[0])
-    p.add_argument("--plain", action="store_true")
-    for f in dataclasses.fields(EvalConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("datasets", "chain_k", "layer_ids"):
-            p.add_argument(flag, nargs="*", type=int if f.name != "datasets" else str)
-        elif f.name in ("limits", "chat_template_kwargs"):
-            p.add_argument(flag, type=json.loads, help="JSON object")
-        elif f.name == "trust_remote_code":
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type=int if f.name in ("num_prompts", "max_new_tokens", "tree_depth", "tree_topk",
-                                                         "tree_nodes") else str)
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and k != "plain"}
-    return EvalConfig(**args)
+def plain_args(argv: list[str]) -> EvalConfig:
+    """argparse CLI (machines without Hydra): every EvalConfig field as --field (lists space-separated)."""
+    return plain_config(EvalConfig, argv, "python -m evaluation.offline --plain")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stage3_train.eval_report import main_entry
-
-    main_entry(argv, _plain_args, run, "eval", "eval", EvalConfig)
+    plain_or_hydra(argv, EvalConfig, run, "eval", "eval", "python -m evaluation.offline --plain")
 
 
 if __name__ == "__main__":

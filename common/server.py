@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import collections
 import ctypes
-import logging
 import os
 import signal
 import socket
@@ -26,7 +25,9 @@ from typing import Any
 
 import httpx
 
-log = logging.getLogger(__name__)
+from common.logs import get_logger
+
+log = get_logger("server")
 _LIVE: set["VLLMServer"] = set()
 
 
