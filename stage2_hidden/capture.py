@@ -12,6 +12,15 @@
   own sdpa path with ``is_causal=True`` on the slice (flash / efficient kernels on GPU, O(T) memory,
   no ``[T, T]`` mask, no work on the off-diagonal blocks). Everything else in a decoder layer is
   per-token, so the packed forward equals the separate forwards up to kernel rounding.
+* Sliding windows and attention sinks (gpt-oss: every other layer attends to the last ``sliding_window`` = 128
+  keys, and every head has a learned sink logit ``s_aux`` that joins the softmax and is dropped from the output).
+  HF passes both to the attention function; ``packed_attention`` honours them (``sink_attention``): on CUDA one
+  varlen flash call over all segments (``torch.nn.attention.varlen.varlen_attn`` with ``window_size`` and the
+  log-sum-exp), the sink applied exactly afterwards as ``out * sigmoid(lse - sink)`` (softmax over
+  ``[scores, sink]`` = softmax over scores times ``Z / (Z + e^sink)``); elsewhere, or where that torch API is
+  missing, a blockwise exact softmax in fp32 (query blocks against only the keys they may see, so a window layer
+  costs O(T * window) and memory stays bounded). Key j is visible from query i iff ``i - window < j <= i``
+  (HF's ``sliding_window_overlay``; flash's left window is ``window - 1``).
 """
 from __future__ import annotations
 
@@ -26,11 +35,14 @@ PACKED_ATTN = "stage2_packed"
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                     stage2_segments=None, **kwargs):
-    """Causal attention inside each ``(start, end)`` segment of the packed row.
+                     stage2_segments=None, sliding_window=None, s_aux=None, **kwargs):
+    """Causal attention inside each ``(start, end)`` segment of the packed row (sliding window and sinks honoured).
 
     query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None), as HF attention functions.
     """
+    if s_aux is not None or sliding_window:
+        segments = stage2_segments or [(0, query.shape[2])]
+        return sink_attention(query, key, value, segments, scaling, sliding_window, s_aux), None
     if not stage2_segments or len(stage2_segments) == 1:
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True)
@@ -41,6 +53,88 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                                         is_causal=True)
         out_BTHD[:, start:end] = seg
     return out_BTHD, None
+
+
+def sink_attention(query, key, value, segments, scaling=None, sliding_window=None, sinks=None,
+                   block_bytes: int = 1 << 30) -> torch.Tensor:
+    """Causal attention per segment with an optional sliding window and per-head sink logits -> [B, T, Hq, D]."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = int(sliding_window) if sliding_window else None
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None:
+        try:
+            return _sink_attention_varlen(query, key, value, segments, scale, window, sinks)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):  # an older torch / kernel refused it
+            pass
+    out_BTHD = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for start, end in segments:
+        out_BTHD[:, start:end] = _sink_attention_blockwise(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scale, window, sinks, block_bytes)
+    return out_BTHD
+
+
+def _varlen_attn():
+    """torch's varlen flash attention with ``window_size``, ``enable_gqa`` and the lse, or None."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn if {"window_size", "enable_gqa", "return_aux"} <= set(params) else None
+
+
+def _sink_attention_varlen(query, key, value, segments, scale, window, sinks) -> torch.Tensor:
+    from torch.nn.attention.varlen import AuxRequest
+
+    B, Hq, T, D = query.shape
+    bounds = [0] + [end for _, end in segments]
+    outs = []
+    for b in range(B):  # stage 2 packs into one row: B == 1
+        cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+        max_len = max(end - start for start, end in segments)
+        q_THD, k_THD, v_THD = (x[b].transpose(0, 1).contiguous() for x in (query, key, value))
+        out_THD, lse = _varlen_attn()(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, scale=scale,
+                                      window_size=(window - 1 if window else -1, 0), enable_gqa=Hq != key.shape[1],
+                                      return_aux=AuxRequest(lse=True))
+        if sinks is not None:
+            lse_TH = lse.transpose(0, 1) if lse.shape[0] == Hq and lse.shape[1] == T else lse  # (H, T) or (T, H)
+            gate_TH = torch.sigmoid(lse_TH.float() - sinks.float()[None, :])
+            out_THD = (out_THD.float() * gate_TH[..., None]).to(query.dtype)
+        outs.append(out_THD)
+    return torch.stack(outs)
+
+
+def _sink_attention_blockwise(q, k, v, scale, window, sinks, block_bytes) -> torch.Tensor:
+    """Exact reference: fp32 softmax over ``[visible scores, sink]`` one query block at a time -> [B, T, Hq, D]."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    q5 = q.reshape(B, Hkv, G, T, D)
+    out = q.new_empty(B, T, Hq, D)
+    if window:   # a block of bq queries sees bq + window - 1 keys: fixed blocks, O(T * window) in all
+        bq = max(1, min(T, 512, block_bytes // (4 * B * Hq * (512 + window))))
+    else:        # fp32 scores [B, Hq, bq, T] within block_bytes
+        bq = max(1, min(T, block_bytes // (4 * B * Hq * T)))
+    sink_5 = sinks.float().reshape(1, Hkv, G, 1, 1) if sinks is not None else None
+    for qs in range(0, T, bq):
+        qe = min(T, qs + bq)
+        ks = max(0, qs - window + 1) if window else 0
+        s_5 = torch.matmul(q5[:, :, :, qs:qe].float(), k[:, :, None, ks:qe].float().transpose(-1, -2)) * scale
+        i = torch.arange(qs, qe, device=q.device)[:, None]
+        j = torch.arange(ks, qe, device=q.device)[None, :]
+        visible = j <= i
+        if window:
+            visible &= j > i - window
+        s_5 = s_5.masked_fill(~visible, float("-inf"))
+        if sink_5 is not None:
+            s_5 = torch.cat([s_5, sink_5.expand(B, Hkv, G, qe - qs, 1)], dim=-1)
+        p_5 = torch.softmax(s_5, dim=-1)
+        if sink_5 is not None:
+            p_5 = p_5[..., :-1]
+        o_5 = torch.matmul(p_5, v[:, :, None, ks:qe].float())          # [B, Hkv, G, bq, D]
+        out[:, qs:qe] = o_5.reshape(B, Hq, qe - qs, D).transpose(1, 2).to(q.dtype)
+    return out
 
 
 def load_target(path: str, dtype: str = "bfloat16", device: str = "cpu", device_map: str | None = None,

@@ -22,6 +22,7 @@ class HiddenConfig:
     shard_bytes: int | None = None
     draft_vocab_size: int = 32000
     dtype: str | None = None
+    storage_dtype: str = "bfloat16"
     device: str = "auto"
     device_map: str | None = None
     lm_head_chunk: int = 4096
@@ -41,6 +42,9 @@ class HiddenConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"hidden.{name} must be >= 1 or null")
+        from .format import check_storage_dtype
+
+        check_storage_dtype(self.storage_dtype)
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"hidden.dtype must be bfloat16, float16, float32 or null, got {self.dtype!r}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .format import bytes_per_token
 from .reader import ShardDataset
 from .vocab import load_vocab
 
@@ -12,14 +13,16 @@ def summary(path: str) -> str:
     ds = ShardDataset(path)
     m = ds.manifest
     d2t, t2d = load_vocab(path)
-    expected = m["num_aux_layers"] * m["hidden_size"] * 2 + 9
+    width = m["num_aux_layers"] * m["hidden_size"]
+    expected = bytes_per_token(width, m["num_aux_layers"], m.get("dtype", "bfloat16"))
+    formula = "3*H+12+9" if m.get("dtype") == "float8_e4m3" else "3*H*2+9"
     lines = [
         f"dir             {path}",
         f"target          {m['target'].get('name')} ({m['target'].get('path')})",
         f"layer ids       {m['layer_ids']}  hidden {m['hidden_size']}  dtype {m['dtype']}",
         f"rows            {m['num_rows']:,}  in {len(m['shards'])} shards",
         f"tokens          {m['num_tokens']:,}  (loss tokens {m.get('num_loss_tokens', 0):,})",
-        f"bytes           {m['bytes']:,}  = {m['bytes_per_token']:.1f} bytes/token (3*H*2+9 = {expected})",
+        f"bytes           {m['bytes']:,}  = {m['bytes_per_token']:.1f} bytes/token ({formula} = {expected})",
         f"draft vocab     {len(d2t):,} of {len(t2d):,}  coverage {m.get('coverage', float('nan')):.4f}",
         f"max length      {m['max_length']}",
         f"accounting      {m.get('accounting', {})}",

@@ -31,7 +31,7 @@ from common.target import TargetSpec, aux_layer_ids
 
 from .capture import HiddenCapture, load_target, pack_groups
 from .config import HiddenConfig
-from .format import PARTS, make_schema
+from .format import PARTS, bytes_per_token, make_schema, quantize_fp8
 from .render import ChatRenderer, Rendered, RenderStats, fit_length, template_hash
 from .shards import ShardWriter, shard_info, write_manifest
 from .vocab import build_and_save_vocab
@@ -75,10 +75,12 @@ def plan_shards(rows: Iterator[Rendered], rows_per_shard: int | None, shard_byte
 
 @dataclass
 class Staged:
-    """A forward's outputs on the host: ``hidden_TW`` bf16 [T, W], ``target_T`` int32 [T]. On CUDA they
-    live in a pinned ring buffer that ``release()`` returns, and are valid once ``wait()`` returns."""
+    """A forward's outputs on the host, as stored: ``hidden_TW`` bf16 (or float8_e4m3fn with ``scale_TL`` fp32
+    [T, num_aux]) [T, W], ``target_T`` int32 [T]. On CUDA they live in a pinned ring buffer that ``release()``
+    returns, and are valid once ``wait()`` returns."""
     hidden_TW: torch.Tensor
     target_T: torch.Tensor
+    scale_TL: "torch.Tensor | None" = None
     event: "torch.cuda.Event | None" = None
     _ring: "queue.Queue | None" = None
     _slot: "list | None" = None
@@ -93,15 +95,27 @@ class Staged:
             self._ring = None
 
 
-def staging_bytes(T: int, W: int) -> int:
-    """Bytes of one staging buffer: hidden bf16 [T, W], padded to 64 bytes, then targets int32 [T]."""
-    return (T * W * 2 + 63) // 64 * 64 + T * 4
+def _pad64(n: int) -> int:
+    return (n + 63) // 64 * 64
 
 
-def staging_views(buf: torch.Tensor, T: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden bf16 [T, W], target int32 [T]) views at the start of the uint8 buffer ``buf``."""
-    off = (T * W * 2 + 63) // 64 * 64
-    return buf[: T * W * 2].view(torch.bfloat16).view(T, W), buf[off: off + T * 4].view(torch.int32)
+def staging_bytes(T: int, W: int, itemsize: int = 2, num_scales: int = 0) -> int:
+    """Bytes of one staging buffer: hidden [T, W] (itemsize bytes each), targets int32 [T], then fp8 scales fp32
+    [T, num_scales], each region starting on a 64-byte boundary."""
+    return _pad64(T * W * itemsize) + _pad64(T * 4) + T * num_scales * 4
+
+
+def staging_views(buf: torch.Tensor, T: int, W: int, itemsize: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden [T, W] (bf16, or float8_e4m3fn for itemsize 1), target int32 [T]) views at the start of ``buf``."""
+    off = _pad64(T * W * itemsize)
+    dtype = torch.bfloat16 if itemsize == 2 else torch.float8_e4m3fn
+    return buf[: T * W * itemsize].view(dtype).view(T, W), buf[off: off + T * 4].view(torch.int32)
+
+
+def scale_view(buf: torch.Tensor, T: int, W: int, num_scales: int) -> torch.Tensor:
+    """The fp32 [T, num_scales] scale region of an fp8 staging buffer (after hidden and targets)."""
+    off = _pad64(T * W) + _pad64(T * 4)
+    return buf[off: off + T * num_scales * 4].view(torch.float32).view(T, num_scales)
 
 
 class HostStaging:
@@ -112,41 +126,56 @@ class HostStaging:
     the copy's event. ``stage`` blocks while every buffer is still being written (back-pressure); buffers
     are allocated once, at ``reserve_tokens`` tokens or the largest forward seen."""
 
-    def __init__(self, num_buffers: int = 3, reserve_tokens: int = 0, width: int = 0, device=None):
+    def __init__(self, num_buffers: int = 3, reserve_tokens: int = 0, width: int = 0, device=None,
+                 storage: str = "bfloat16", num_aux: int = 3):
         self.free: queue.Queue = queue.Queue()
         self.reserve_tokens = int(reserve_tokens)
+        self.fp8, self.num_aux = storage == "float8_e4m3", num_aux
+        self.itemsize, self.num_scales = (1, num_aux) if self.fp8 else (2, 0)
         self._streams: dict = {}
         for _ in range(max(1, num_buffers)):
             slot = [None]  # [pinned uint8 buffer]
             if device is not None and torch.device(device).type == "cuda" and reserve_tokens and width:
-                slot[0] = self._alloc(staging_bytes(self.reserve_tokens, width))
+                slot[0] = self._alloc(self._bytes(self.reserve_tokens, width))
             self.free.put(slot)
+
+    def _bytes(self, T: int, W: int) -> int:
+        return staging_bytes(T, W, self.itemsize, self.num_scales)
 
     @staticmethod
     def _alloc(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def stage(self, hidden_TW: torch.Tensor, target_T: torch.Tensor) -> Staged:
+        scale_TL = None
+        if self.fp8:  # quantised where the forward ran: the copy moves half the bytes
+            hidden_TW, scale_TL = quantize_fp8(hidden_TW, self.num_aux)
+        else:
+            hidden_TW = hidden_TW.to(torch.bfloat16)
         if not hidden_TW.is_cuda:
-            return Staged(hidden_TW.to(torch.bfloat16), target_T.to(torch.int32))
+            return Staged(hidden_TW, target_T.to(torch.int32), scale_TL)
         T, W = hidden_TW.shape
         slot = self.free.get()
-        if slot[0] is None or slot[0].numel() < staging_bytes(T, W):
-            slot[0] = self._alloc(staging_bytes(max(T, self.reserve_tokens), W))
-        host_TW, host_T = staging_views(slot[0], T, W)
+        if slot[0] is None or slot[0].numel() < self._bytes(T, W):
+            slot[0] = self._alloc(self._bytes(max(T, self.reserve_tokens), W))
+        host_TW, host_T = staging_views(slot[0], T, W, self.itemsize)
+        host_TL = scale_view(slot[0], T, W, self.num_scales) if self.fp8 else None
         device = hidden_TW.device
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            host_TW.copy_(hidden_TW.to(torch.bfloat16), non_blocking=True)
+            host_TW.copy_(hidden_TW, non_blocking=True)
             host_T.copy_(target_T.to(torch.int32), non_blocking=True)
+            if host_TL is not None:
+                host_TL.copy_(scale_TL, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
-        for t in (hidden_TW, target_T):  # the allocator must not reuse them before the copy has read them
-            t.record_stream(stream)
-        return Staged(host_TW, host_T, event, self.free, slot)
+        for t in (hidden_TW, target_T, scale_TL):  # the allocator must not reuse them before the copy read them
+            if t is not None:
+                t.record_stream(stream)
+        return Staged(host_TW, host_T, host_TL, event, self.free, slot)
 
 
 class AsyncShardWriter:
@@ -186,8 +215,9 @@ class AsyncShardWriter:
                     _, _, staged, rows = job
                     staged.wait()
                     for row, s, e in rows:
+                        scale = None if staged.scale_TL is None else staged.scale_TL[s:e]
                         writer.write_row(row.id, row.input_ids, row.loss_mask, staged.target_T[s:e],
-                                         staged.hidden_TW[s:e])
+                                         staged.hidden_TW[s:e], scale)
                     writer.after_hashed(staged.release)
                     handed_over = True
                 elif job[0] == "close":
@@ -275,7 +305,7 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
         "tokenizer_sha256": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
         "chat_template_sha256": template_hash(tok), "chat_template_kwargs": dict(target.chat_template_kwargs),
         "layer_ids": layer_ids, "hidden_size": hidden_size, "num_aux_layers": len(layer_ids),
-        "dtype": "bfloat16", "compute_dtype": hcfg.dtype or target.dtype, "max_length": max_length,
+        "dtype": hcfg.storage_dtype, "compute_dtype": hcfg.dtype or target.dtype, "max_length": max_length,
         "vocab_size": vocab_size, "draft_vocab_size": min(hcfg.draft_vocab_size, vocab_size),
         "input": str(hcfg.input),
     }
@@ -284,9 +314,9 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
     _check_identity(out_dir, identity, rank)
 
     stats = RenderStats()
-    bytes_per_token = len(layer_ids) * hidden_size * 2 + 9
+    row_bytes = bytes_per_token(len(layer_ids) * hidden_size, len(layer_ids), hcfg.storage_dtype)
     plan = plan_shards(iter_rendered(hcfg, renderer, max_length, stats), hcfg.rows_per_shard,
-                       hcfg.shard_bytes, bytes_per_token)
+                       hcfg.shard_bytes, row_bytes)
     num_shards, computed_tokens = _capture_all(plan, target, hcfg, fields, out_dir, world_info)
     if world > 1:
         torch.distributed.barrier()
@@ -314,9 +344,10 @@ def _capture_all(plan, target, hcfg, fields, out_dir, world_info: World) -> tupl
                                 target.trust_remote_code)
             cap = HiddenCapture(model, fields["layer_ids"], hcfg.lm_head_chunk)
             width = len(fields["layer_ids"]) * fields["hidden_size"]
-            writer = AsyncShardWriter(out_dir, make_schema(width, fields["layer_ids"]), hcfg.writer_queue,
-                                      hcfg.writer_threads)
-            staging = HostStaging(hcfg.writer_queue + 1, hcfg.batch_tokens, width, cap.device)
+            schema = make_schema(width, fields["layer_ids"], fields["dtype"])
+            writer = AsyncShardWriter(out_dir, schema, hcfg.writer_queue, hcfg.writer_threads)
+            staging = HostStaging(hcfg.writer_queue + 1, hcfg.batch_tokens, width, cap.device, fields["dtype"],
+                                  len(fields["layer_ids"]))
         tokens += capture_shard(cap, writer, staging, index, rows, hcfg.batch_tokens)
         bar.set_postfix(tokens=tokens)
     bar.close()

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from common.files import atomic_write_text, fsync_dir, sha256_file
 
-from .format import FORMAT_VERSION, MANIFEST, PARTS, open_shard, shard_name
+from .format import FORMAT_VERSION, HIDDEN_ITEMSIZE, MANIFEST, PARTS, open_shard, shard_name
 
 def _list_array(values: np.ndarray, pa_type) -> pa.Array:
     """One-row list<...> array over ``values`` without copying them."""
@@ -48,13 +48,21 @@ def _np(x, dtype) -> np.ndarray:
 
 
 def hidden_bytes(hidden) -> np.ndarray:
-    """bf16 hidden [T, W] (torch) or its raw uint16/bytes view (numpy) -> flat uint8 view, no copy."""
+    """Hidden [T, W] as stored (torch bf16 or float8_e4m3fn, fp32 scales; or a raw numpy view) -> flat uint8
+    view, no copy."""
     if hasattr(hidden, "detach"):
         import torch
-        if hidden.dtype != torch.bfloat16:
-            raise ValueError(f"hidden must be bfloat16, got {hidden.dtype}")
-        hidden = hidden.detach().contiguous().cpu().view(torch.int16).numpy()
+        views = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float32: torch.int32}
+        if hidden.dtype not in views:
+            raise ValueError(f"hidden must be bfloat16 or float8_e4m3fn (scales float32), got {hidden.dtype}")
+        hidden = hidden.detach().contiguous().cpu().view(views[hidden.dtype]).numpy()
     return np.ascontiguousarray(hidden).reshape(-1).view(np.uint8)
+
+
+def _binary(raw: np.ndarray) -> pa.Array:
+    """One-row large_binary array over `raw` without copying it."""
+    return pa.Array.from_buffers(pa.large_binary(), 1, [
+        None, pa.py_buffer(np.array([0, raw.nbytes], dtype=np.int64)), pa.py_buffer(raw)])
 
 
 class _Follower:
@@ -189,6 +197,9 @@ class ShardWriter:
                  async_hash: bool = False):
         self.out_dir, self.name, self.schema = Path(out_dir), shard_name(index), schema
         self.width = int(schema.metadata[b"eagle3.hidden_width"])
+        self.storage = schema.metadata[b"eagle3.hidden_dtype"].decode()
+        self.itemsize = HIDDEN_ITEMSIZE[self.storage]
+        self.num_aux = len(json.loads(schema.metadata[b"eagle3.layer_ids"]))
         self.tmp = self.out_dir / f".tmp-{self.name}"
         self.async_hash = async_hash
         self._sink = _HashingSink(self.tmp)
@@ -198,18 +209,23 @@ class ShardWriter:
                                   last=lambda size: os.fsync(self._sync_fd), min_bytes=flush_bytes)
         self.rows = self.tokens = self.loss_tokens = 0
 
-    def write_row(self, row_id: str, input_ids, loss_mask, target_ids, hidden) -> None:
+    def write_row(self, row_id: str, input_ids, loss_mask, target_ids, hidden, hidden_scale=None) -> None:
+        """hidden: bf16 [T, W], or for fp8 shards float8_e4m3fn [T, W] with `hidden_scale` fp32 [T, num_aux]."""
         ids, mask, tgt = _np(input_ids, np.int32), _np(loss_mask, np.uint8), _np(target_ids, np.int32)
         raw = hidden_bytes(hidden)
         T = len(ids)
-        if not (len(mask) == len(tgt) == T and raw.nbytes == T * self.width * 2):
+        if not (len(mask) == len(tgt) == T and raw.nbytes == T * self.width * self.itemsize):
             raise ValueError(f"row {row_id}: lengths disagree (ids {T}, mask {len(mask)}, targets {len(tgt)}, "
-                             f"hidden {raw.nbytes} bytes, expected {T * self.width * 2})")
-        hidden_arr = pa.Array.from_buffers(pa.large_binary(), 1, [
-            None, pa.py_buffer(np.array([0, raw.nbytes], dtype=np.int64)), pa.py_buffer(raw)])
-        batch = pa.RecordBatch.from_arrays(
-            [pa.array([row_id], pa.string()), _list_array(ids, pa.int32()), _list_array(mask, pa.uint8()),
-             _list_array(tgt, pa.int32()), hidden_arr], schema=self.schema)
+                             f"hidden {raw.nbytes} bytes, expected {T * self.width * self.itemsize})")
+        columns = [pa.array([row_id], pa.string()), _list_array(ids, pa.int32()), _list_array(mask, pa.uint8()),
+                   _list_array(tgt, pa.int32()), _binary(raw)]
+        if self.storage == "float8_e4m3":
+            scale = hidden_bytes(hidden_scale) if hidden_scale is not None else np.zeros(0, np.uint8)
+            if scale.nbytes != T * self.num_aux * 4:
+                raise ValueError(f"row {row_id}: fp8 shard needs hidden_scale fp32 [{T}, {self.num_aux}], got "
+                                 f"{scale.nbytes} bytes")
+            columns.append(_binary(scale))
+        batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
         self._writer.write_batch(batch)
         self._flusher.publish(self._sink.pos)
         if not self.async_hash:

@@ -1,12 +1,15 @@
 """Draft vocabulary: the ``draft_vocab_size`` target tokens the draft predicts.
 
-Counts are of ``target_ids`` under ``loss_mask`` (the tokens the draft must learn to propose). The
+Counts are of the labels training uses (the tokens the draft must learn to propose): within one row, label
+``target_ids[j]`` counts iff ``loss_mask[j+1]`` -- ``target_ids[j]`` is the target's prediction of token j+1, and
+stage 3 (ttt.py) trains on it only when token j+1 is an assistant token. Per row that is
+``target_ids[:-1][loss_mask[1:]]``; the last position of a row has no next token and never counts. The
 top ``Vd`` tokens by count (ties: smaller id first) sorted by id give ``tok[i]``; then
 
     d2t[i] = tok[i] - i          (int64 [Vd]; target id = i + d2t[i], the EAGLE-3 export format)
     t2d[v] = v in tok            (bool [V])
 
-and ``coverage`` = share of masked targets whose token is in the draft vocab.
+and ``coverage`` = share of those labels whose token is in the draft vocab.
 """
 from __future__ import annotations
 
@@ -23,16 +26,31 @@ from .format import open_shard
 VOCAB_FILE = "vocab.safetensors"
 
 
+def trained_labels(target_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """The labels training uses in one row: ``target_ids[j]`` where ``loss_mask[j+1]``."""
+    return np.asarray(target_ids)[:-1][np.asarray(loss_mask).astype(bool)[1:]]
+
+
 def count_targets(shard_paths, vocab_size: int) -> np.ndarray:
-    """int64 [V] counts of target ids under the loss mask, over all rows of the shards."""
+    """int64 [V] counts of the trained labels (`trained_labels`), over all rows of the shards."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for path in shard_paths:
         reader = open_shard(path)
         for b in range(reader.num_record_batches):
             batch = reader.get_batch(b)
-            tgt = np.asarray(batch.column("target_ids").values)
-            mask = np.asarray(batch.column("loss_mask").values).astype(bool)
-            counts += np.bincount(tgt[mask], minlength=vocab_size)[:vocab_size]
+            # flat values + offsets: the shift must stay inside each row (row ends are no "next token")
+            tgt_col, mask_col = batch.column("target_ids"), batch.column("loss_mask")
+            tgt = np.asarray(tgt_col.flatten())
+            mask = np.asarray(mask_col.flatten()).astype(bool)
+            offsets = np.asarray(tgt_col.offsets) - int(tgt_col.offsets[0].as_py())
+            if len(tgt) != len(mask) or not np.array_equal(offsets, np.asarray(mask_col.offsets) -
+                                                           int(mask_col.offsets[0].as_py())):
+                raise ValueError(f"{path}: target_ids and loss_mask rows differ in length")
+            take = np.zeros(len(tgt), dtype=bool)
+            take[:-1] = mask[1:]
+            ends = offsets[1:][offsets[1:] > offsets[:-1]] - 1  # each non-empty row's last token: no next token
+            take[ends] = False
+            counts += np.bincount(tgt[take], minlength=vocab_size)[:vocab_size]
     return counts
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-_ROW_CHUNK = 16384  # tokens per chunk of the elementwise diagonal maths (bounds the fp32 temporaries)
+ROW_CHUNK = 16384  # tokens per chunk of the elementwise diagonal maths (bounds the fp32 temporaries)
 _FLASH = {"native_gqa": True}  # CUDA flash kernel takes fewer kv heads than q heads (checked on first use)
 
 
@@ -59,72 +59,131 @@ class Segments:
         cu = torch.tensor(bounds, dtype=torch.int32, device=device)
         return Segments(cu, bounds, max(lengths))
 
+    def causal_block(self) -> "FlashBlock":
+        """The causal flash block of these segments (queries and keys share the borders)."""
+        return FlashBlock(self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, self.bounds, self.bounds,
+                          causal=True)
 
-def _acc(x: torch.Tensor) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class FlashBlock:
+    """One varlen flash-attention call: query segment j (flat rows bounds_q[j]:bounds_q[j+1]) attends to key
+    segment j (bounds_k[j]:bounds_k[j+1]), causally (bottom-right aligned) or fully. cu_q / cu_k: the same borders
+    as int32 tensors on the compute device; max_q / max_k the longest segment of each."""
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    bounds_q: tuple[int, ...]
+    bounds_k: tuple[int, ...]
+    causal: bool
+
+    @staticmethod
+    def cross(bounds_q: tuple[int, ...], bounds_k: tuple[int, ...], device) -> "FlashBlock":
+        """A non-causal block between two lists of segment borders (sequence parallelism's prefix block)."""
+        span = lambda b: max(e - a for a, e in zip(b, b[1:]))  # noqa: E731
+        to = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
+        return FlashBlock(to(bounds_q), to(bounds_k), span(bounds_q), span(bounds_k), tuple(bounds_q),
+                          tuple(bounds_k), causal=False)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.Tensor:
     """Accumulation precision: fp64 stays fp64 (reference tests), everything else fp32."""
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _expand_kv(x_NkD: torch.Tensor, num_heads: int) -> torch.Tensor:
+_acc = acc_dtype
+
+
+def expand_kv(x_NkD: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """GQA keys/values [N, Hkv, D] -> [N, Hq, D] (each kv head repeated for its group of query heads)."""
     N, Hkv, D = x_NkD.shape
     return x_NkD[:, :, None].expand(N, Hkv, num_heads // Hkv, D).reshape(N, num_heads, D)
 
 
-def _group_sum(x_NhD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def group_sum(x_NhD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The adjoint of expand_kv: [N, Hq, D] gradients summed over each GQA group -> [N, Hkv, D]."""
     N, Hq, D = x_NhD.shape
     return x_NhD.view(N, num_kv_heads, Hq // num_kv_heads, D).sum(2)
 
 
-# ---------------------------------------------------------------- causal block: CUDA varlen flash, CPU per segment
-def _causal_forward(q, k, v, seg: Segments, scale: float):
-    """-> out [N, Hq, D] (q.dtype), lse [Hq, N] (fp32; fp64 for fp64 inputs), aux for the backward."""
+# ---------------------------------------------------------------- flash blocks: CUDA varlen kernel, CPU per segment
+def _flash_kernels():
+    """(forward, backward) varlen flash ops: a seam, so tests can stand in for the CUDA kernel on the CPU."""
+    return torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward
+
+
+def _gqa_unsupported(err: RuntimeError) -> bool:
+    """True only for the kernel refusing fewer kv heads than q heads; never for out-of-memory or anything else."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    msg = str(err).lower()
+    if "out of memory" in msg:
+        return False
+    return "head" in msg and any(w in msg for w in ("support", "same", "equal", "match", "must"))
+
+
+def _varlen_forward(q, k, v, blk: FlashBlock, scale: float):
+    expand = k.shape[1] != q.shape[1] and not _FLASH["native_gqa"]
+    ke, ve = (expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])) if expand else (k, v)
+    try:
+        out, lse, rng, unused, _ = _flash_kernels()[0](
+            q, ke, ve, blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, 0.0, blk.causal, False, scale=scale)
+    except RuntimeError as err:
+        if expand or k.shape[1] == q.shape[1] or not _gqa_unsupported(err):
+            raise  # out of memory (or any other failure) must not flip the switch: expanded K/V needs MORE memory
+        _FLASH["native_gqa"] = False  # this build's kernel wants as many kv heads as q heads
+        return _varlen_forward(q, k, v, blk, scale)
+    assert lse.shape == (q.shape[1], q.shape[0]), f"unexpected varlen lse layout {tuple(lse.shape)}"
+    return out, lse, (rng, unused, expand)
+
+
+def _segment_pairs(blk: FlashBlock):
+    return zip(zip(blk.bounds_q, blk.bounds_q[1:]), zip(blk.bounds_k, blk.bounds_k[1:]))
+
+
+def _heads_first(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows a:b of [N, H, D] as the [1, H, n, D] layout of the CPU SDPA kernels."""
+    return x[a:b].transpose(0, 1)[None].contiguous()
+
+
+def flash_block_forward(q, k, v, blk: FlashBlock, scale: float):
+    """Flash attention of one block: q [nq, Hq, D], k/v [nk, Hkv, D] -> out [nq, Hq, D] (q.dtype), lse [Hq, nq]
+    (fp32; fp64 for fp64 inputs), aux for `flash_block_backward`. CUDA: the varlen kernel (native GQA when the
+    build has it); CPU: the SDPA flash kernel for CPU per segment pair (tests: correctness, not speed)."""
     if q.is_cuda:
-        expand = k.shape[1] != q.shape[1] and not _FLASH["native_gqa"]
-        if expand:
-            k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        try:
-            out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-                q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, 0.0, True, False, scale=scale)
-        except RuntimeError:
-            if expand or k.shape[1] == q.shape[1]:
-                raise
-            _FLASH["native_gqa"] = False  # this build's kernel wants as many kv heads as q heads
-            return _causal_forward(q, k, v, seg, scale)
-        assert lse.shape == (q.shape[1], q.shape[0]), f"unexpected varlen lse layout {tuple(lse.shape)}"
-        return out, lse, (rng, unused, expand)
-    Hq = q.shape[1]
-    k, v = _expand_kv(k, Hq), _expand_kv(v, Hq)
+        return _varlen_forward(q, k, v, blk, scale)
+    ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     outs, lses = [], []
-    for b, e in zip(seg.bounds, seg.bounds[1:]):
+    for (qa, qb), (ka, kb) in _segment_pairs(blk):
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *(x[b:e].transpose(0, 1)[None].contiguous() for x in (q, k, v)), 0.0, True, scale=scale)[:2]
+            _heads_first(q, qa, qb), _heads_first(ke, ka, kb), _heads_first(ve, ka, kb), 0.0, blk.causal,
+            scale=scale)[:2]
         outs.append(o[0].transpose(0, 1))
-        lses.append(_acc(l[0]))
+        lses.append(acc_dtype(l[0]))
     return torch.cat(outs).contiguous(), torch.cat(lses, dim=1).contiguous(), None
 
 
-def _causal_backward(dout, q, k, v, out, lse, seg: Segments, scale: float, aux):
-    """Flash backward with the given (merged) out and lse -> dq, dk, dv of the causal block."""
+def flash_block_backward(dout, q, k, v, out, lse, blk: FlashBlock, scale: float, aux):
+    """Flash backward of one block called with the given (merged) out and lse -> dq [nq], dk, dv [nk, Hkv, D]."""
+    Hq, Hkv = q.shape[1], k.shape[1]
     if q.is_cuda:
         rng, unused, expand = aux
-        Hkv = k.shape[1]
-        if expand:
-            k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, 0.0,
-            True, rng, unused, scale=scale)
-        return (dq, _group_sum(dk, Hkv), _group_sum(dv, Hkv)) if expand else (dq, dk, dv)
-    Hq, Hkv = q.shape[1], k.shape[1]
-    ke, ve = _expand_kv(k, Hq), _expand_kv(v, Hq)
+        ke, ve = (expand_kv(k, Hq), expand_kv(v, Hq)) if expand else (k, v)
+        dq, dk, dv = _flash_kernels()[1](dout, q, ke, ve, out, lse, blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, 0.0,
+                                         blk.causal, rng, unused, scale=scale)
+        return (dq, group_sum(dk, Hkv), group_sum(dv, Hkv)) if expand else (dq, dk, dv)
+    ke, ve = expand_kv(k, Hq), expand_kv(v, Hq)
     grads = [[], [], []]
-    for b, e in zip(seg.bounds, seg.bounds[1:]):
-        args = [x[b:e].transpose(0, 1)[None].contiguous() for x in (dout, q, ke, ve, out)]
-        l = lse[:, b:e][None].contiguous()
-        g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*args, l, 0.0, True, scale=scale)
+    for (qa, qb), (ka, kb) in _segment_pairs(blk):
+        g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _heads_first(dout, qa, qb), _heads_first(q, qa, qb), _heads_first(ke, ka, kb),
+            _heads_first(ve, ka, kb), _heads_first(out, qa, qb), lse[:, qa:qb][None].contiguous(), 0.0,
+            blk.causal, scale=scale)
         for acc, gi in zip(grads, g):
             acc.append(gi[0].transpose(0, 1))
     dq, dk, dv = (torch.cat(g) for g in grads)
-    return dq, _group_sum(dk, Hkv), _group_sum(dv, Hkv)
+    return dq, group_sum(dk, Hkv), group_sum(dv, Hkv)
 
 
 # ---------------------------------------------------------------- diagonal terms (elementwise, chunked over tokens)
@@ -165,15 +224,15 @@ def compile_kernels() -> None:
         _K[name] = torch.compile(fn, dynamic=True)
 
 
-def _merge_forward(q, out_c, lse_c_hN, keys, values, scale: float):
+def merge_forward(q, out_c, lse_c_hN, keys, values, scale: float):
     """Merge the causal block with the diagonal keys -> out [N, Hq, D] (q.dtype), lse [Hq, N] (fp32)."""
     N, Hq, D = q.shape
     Hkv = keys[0].shape[1]
     G = Hq // Hkv
     out = torch.empty_like(out_c)
     lse = torch.empty_like(lse_c_hN)
-    for a in range(0, N, _ROW_CHUNK):
-        b = min(a + _ROW_CHUNK, N)
+    for a in range(0, N, ROW_CHUNK):
+        b = min(a + ROW_CHUNK, N)
         n = b - a
         q_g = q[a:b].view(n, Hkv, G, D)
         m = lse_c_hN[:, a:b].t().reshape(n, Hkv, G)          # the causal block enters with weight e^{lse_c}
@@ -187,7 +246,7 @@ def _merge_forward(q, out_c, lse_c_hN, keys, values, scale: float):
     return out, lse
 
 
-def _merge_backward(dout, q, out, lse_hN, keys, values, scale: float):
+def merge_backward(dout, q, out, lse_hN, keys, values, scale: float):
     """Gradient contributions of the diagonal terms: dq_diag [N, Hq, D] (fp32), dk_j, dv_j [N, Hkv, D]."""
     N, Hq, D = q.shape
     Hkv = keys[0].shape[1]
@@ -195,8 +254,8 @@ def _merge_backward(dout, q, out, lse_hN, keys, values, scale: float):
     dq = torch.zeros(q.shape, dtype=_acc(q[:1]).dtype, device=q.device)
     dks = [torch.empty_like(k) for k in keys]
     dvs = [torch.empty_like(v) for v in values]
-    for a in range(0, N, _ROW_CHUNK):
-        b = min(a + _ROW_CHUNK, N)
+    for a in range(0, N, ROW_CHUNK):
+        b = min(a + ROW_CHUNK, N)
         n = b - a
         q_g, do_g = q[a:b].view(n, Hkv, G, D), dout[a:b].view(n, Hkv, G, D)
         delta = _K["delta"](do_g, out[a:b].view(n, Hkv, G, D))  # D = rowsum(dO * out)
@@ -212,11 +271,11 @@ class _TTTAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, seg: Segments, scale: float, num_keys: int, *kv):
         keys, values = kv[:num_keys], kv[num_keys:]
-        out_c, lse_c, aux = _causal_forward(q, keys[0], values[0], seg, scale)
+        out_c, lse_c, aux = flash_block_forward(q, keys[0], values[0], seg.causal_block(), scale)
         if num_keys == 1:
             out, lse = out_c, lse_c
         else:
-            out, lse = _merge_forward(q, out_c, lse_c, keys[1:], values[1:], scale)
+            out, lse = merge_forward(q, out_c, lse_c, keys[1:], values[1:], scale)
         ctx.save_for_backward(q, out, lse, *kv)
         ctx.seg, ctx.scale, ctx.num_keys, ctx.aux = seg, scale, num_keys, aux
         return out
@@ -226,10 +285,11 @@ class _TTTAttention(torch.autograd.Function):
         q, out, lse, *kv = ctx.saved_tensors
         keys, values = kv[:ctx.num_keys], kv[ctx.num_keys:]
         dout = dout.contiguous()
-        dq, dk0, dv0 = _causal_backward(dout, q, keys[0], values[0], out, lse, ctx.seg, ctx.scale, ctx.aux)
+        dq, dk0, dv0 = flash_block_backward(dout, q, keys[0], values[0], out, lse, ctx.seg.causal_block(), ctx.scale,
+                                            ctx.aux)
         dks, dvs = [dk0], [dv0]
         if ctx.num_keys > 1:
-            dq_diag, dk_diag, dv_diag = _merge_backward(dout, q, out, lse, keys[1:], values[1:], ctx.scale)
+            dq_diag, dk_diag, dv_diag = merge_backward(dout, q, out, lse, keys[1:], values[1:], ctx.scale)
             dq = (_acc(dq) + dq_diag).to(q.dtype)
             dks += dk_diag
             dvs += dv_diag
@@ -261,14 +321,14 @@ def reference_ttt_attention(q_NhD, keys, values, doc_ids_N: torch.Tensor, scale:
     """Naive masked softmax over [causal step-0 keys of the same doc | diagonal keys] (tests; O(N^2) memory)."""
     N, Hq, D = q_NhD.shape
     scale = D ** -0.5 if scale is None else scale
-    k0, v0 = _expand_kv(keys[0], Hq), _expand_kv(values[0], Hq)
+    k0, v0 = expand_kv(keys[0], Hq), expand_kv(values[0], Hq)
     s_hNN = torch.einsum("nhd,mhd->hnm", q_NhD, k0) * scale
     idx = torch.arange(N, device=q_NhD.device)
     mask_NN = (idx[None, :] <= idx[:, None]) & (doc_ids_N[None, :] == doc_ids_N[:, None])
     s_hNN = s_hNN.masked_fill(~mask_NN, float("-inf"))
-    diag = [(q_NhD * _expand_kv(k, Hq)).sum(-1).t()[..., None] * scale for k in keys[1:]]  # [Hq, N, 1]
+    diag = [(q_NhD * expand_kv(k, Hq)).sum(-1).t()[..., None] * scale for k in keys[1:]]  # [Hq, N, 1]
     p = torch.softmax(torch.cat([s_hNN, *diag], dim=-1), dim=-1)
     out = torch.einsum("hnm,mhd->nhd", p[..., :N], v0)
     for j, v in enumerate(values[1:]):
-        out = out + p[..., N + j].t()[..., None] * _expand_kv(v, Hq)
+        out = out + p[..., N + j].t()[..., None] * expand_kv(v, Hq)
     return out

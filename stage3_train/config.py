@@ -30,7 +30,6 @@ class TrainConfig:
     max_tokens: int = 2048         # tokens per packed row; conversations longer than this are truncated
     batch_rows: int = 1            # packed rows per micro-batch per rank
     grad_accum: int = 1            # micro-batches per optimizer step; global batch = world * batch_rows * grad_accum
-    pad_multiple: int = 64         # pad each micro-batch's length up to a multiple of this (fewer distinct shapes)
     val_fraction: float = 0.02     # share of conversations held out for validation (by a hash of their id)
     val_max_rows: int = 64         # at most this many validation rows per evaluation (0 = all)
     verify_shards: bool = False    # sha256 every shard before training (slow on TBs of shards)
@@ -38,7 +37,9 @@ class TrainConfig:
     # ---- model / TTT ----
     ttt_steps: int = 7             # unrolled training-time-test steps k
     step_decay: float = 0.8        # loss weight of TTT step i is step_decay**i (normalised by the global valid count)
-    activation_checkpointing: bool = True  # recompute each TTT step in backward (memory linear in T, ~+30% FLOPs)
+    # recompute each TTT step in backward (memory linear in T, ~+30% FLOPs): true | false | auto = only when the
+    # activations of max_tokens * batch_rows tokens would not fit the free device memory (parallelize.py)
+    activation_checkpointing: bool | str = "auto"
     sequence_parallel: int = 1     # ranks sharing each row (split along the sequence); data parallel over world/N
     param_dtype: str = "bfloat16"  # FSDP2 compute dtype of params (bfloat16 | float32); master copy stays fp32
     draft_overrides: dict[str, Any] = field(default_factory=dict)  # DraftConfig fields to change (intermediate_size)
@@ -57,9 +58,11 @@ class TrainConfig:
     keep_ckpts: int = 2            # keep the latest k complete checkpoints
     resume: bool = False           # continue from the latest complete checkpoint in `out`
     export: bool = True            # write the vLLM/SGLang folder to `out/export` at the end
-    peak_tflops: float | None = None  # per-device peak for MFU; None = look up the device (H100/H200/A100) or skip
     device: str | None = None      # cuda | cpu; None = cuda when available
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # ---- internal (not in conf/train.yaml; tests and benchmarks set them) ----
+    pad_multiple: int = 64         # micro-batch length rounded up to this: few distinct shapes; tests use 16
+    peak_tflops: float | None = None  # MFU denominator for devices missing from metrics.PEAK_BF16_FLOPS
 
     def __post_init__(self) -> None:
         if isinstance(self.wandb, dict):
@@ -82,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"train.param_dtype must be bfloat16 or float32, got {self.param_dtype!r}")
         if self.device not in (None, "cuda", "cpu"):
             raise ValueError(f"train.device must be cuda, cpu or null, got {self.device!r}")
+        if self.activation_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"train.activation_checkpointing must be true, false or auto, got "
+                             f"{self.activation_checkpointing!r}")
         if not 0.0 < self.step_decay <= 1.0:
             raise ValueError(f"train.step_decay must be in (0, 1], got {self.step_decay}")
 

@@ -15,14 +15,18 @@ micro-batch, identically.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import queue
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from stage3_train.ttt import PackedBatch
 
 STATE_VERSION = 1
 OPEN_ROWS = 8  # first-fit looks at this many open rows; more gives fuller rows, same determinism
@@ -93,13 +97,48 @@ def pack(order: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[
     return rows
 
 
-def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: int,
-            hidden_part: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Materialise packed rows as padded [B, T] tensors (T = longest row rounded up to pad_multiple).
+@dataclass
+class MicroBatch:
+    """One rank's collated micro-batch on the host (or a device after `.to`): padded [B, T] tensors plus bookkeeping.
 
-    Returns input_ids/target_ids/position_ids long [B,T], loss_mask bool [B,T], doc_ids long [B,T] (-1 = pad),
-    hidden [B,T,3H] in the shard dtype, `ids`: the conversation ids of each row (for error messages), and
-    `sq_tokens`: the sum of squared conversation lengths (attention FLOPs for MFU).
+    hidden is [B, T, W] in the shard dtype, or with sequence parallelism only this rank's slice [B, ceil(T/N), W]
+    (see `collate(hidden_part=...)`). conversation_ids names the conversations of each row (error messages);
+    sq_tokens = sum of squared conversation lengths (attention FLOPs for MFU); epoch / micro_step say where in the
+    data order it came from (error messages)."""
+    input_ids: torch.Tensor     # [B, T] long
+    target_ids: torch.Tensor    # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long, restarting at 0 per conversation
+    loss_mask: torch.Tensor     # [B, T] bool
+    doc_ids: torch.Tensor       # [B, T] long, -1 = padding
+    hidden: torch.Tensor        # [B, T or ceil(T/N), W]
+    conversation_ids: list[list[str]]
+    sq_tokens: int
+    epoch: int = 0
+    micro_step: int = 0
+
+    TENSORS = ("input_ids", "target_ids", "position_ids", "loss_mask", "doc_ids", "hidden")
+
+    def _map(self, fn) -> "MicroBatch":
+        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in self.TENSORS})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "MicroBatch":
+        return self._map(lambda t: t.pin_memory())
+
+    def packed(self, device: torch.device | str) -> "PackedBatch":
+        """The ttt.PackedBatch of whole rows on `device` (hidden stays in the shard dtype)."""
+        from stage3_train.ttt import PackedBatch
+
+        keys = ("input_ids", "hidden", "target_ids", "loss_mask", "position_ids", "doc_ids")
+        return PackedBatch(**{k: getattr(self, k).to(device, non_blocking=True) for k in keys})
+
+
+def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: int,
+            hidden_part: tuple[int, int] | None = None) -> MicroBatch:
+    """Materialise packed rows as a MicroBatch of padded [B, T] tensors (T = longest row rounded up to pad_multiple).
+
     An empty row (a rank with nothing left in a validation pass) is all padding.
     hidden_part (i, n): sequence parallelism: `hidden` holds only slice i of n of the features, [B, ceil(T/n), 3H]
     = tokens [i*L, (i+1)*L) (zeros past T), the slice `sequence_parallel.shard_batch` keeps; the rest as above.
@@ -110,10 +149,10 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
     part, parts = hidden_part or (0, 1)
     L = -(-T // parts)
     h_lo, h_hi = part * L, (part + 1) * L  # token window of the hidden features kept
-    out = {k: torch.zeros(B, T, dtype=torch.long) for k in ("input_ids", "target_ids", "position_ids")}
-    out["loss_mask"] = torch.zeros(B, T, dtype=torch.bool)
-    out["doc_ids"] = torch.full((B, T), -1, dtype=torch.long)
-    hidden_BTD = None
+    ints = {k: torch.zeros(B, T, dtype=torch.long) for k in ("input_ids", "target_ids", "position_ids")}
+    loss_mask = torch.zeros(B, T, dtype=torch.bool)
+    doc_ids = torch.full((B, T), -1, dtype=torch.long)
+    hidden_BLW = None
     ids: list[list[str]] = []
     sq_tokens = 0  # sum of squared conversation lengths: attention FLOPs for MFU
     for b, row in enumerate(rows):
@@ -122,26 +161,25 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
         for d, seg in enumerate(row):
             item = source[seg.row]
             n, span = seg.length, slice(t, t + seg.length)
-            out["input_ids"][b, span] = item["input_ids"][:n].long()
-            out["target_ids"][b, span] = item["target_ids"][:n].long()
-            out["loss_mask"][b, span] = item["loss_mask"][:n].bool()
-            out["position_ids"][b, span] = torch.arange(n)
-            out["doc_ids"][b, span] = d
-            h_TD = item["hidden"][:n]
-            if hidden_BTD is None:
-                hidden_BTD = torch.zeros(B, L, h_TD.shape[-1], dtype=h_TD.dtype)
+            ints["input_ids"][b, span] = item["input_ids"][:n].long()
+            ints["target_ids"][b, span] = item["target_ids"][:n].long()
+            loss_mask[b, span] = item["loss_mask"][:n].bool()
+            ints["position_ids"][b, span] = torch.arange(n)
+            doc_ids[b, span] = d
+            h_TW = item["hidden"][:n]
+            if hidden_BLW is None:
+                hidden_BLW = torch.zeros(B, L, h_TW.shape[-1], dtype=h_TW.dtype)
             lo, hi = max(t, h_lo), min(t + n, h_hi)
             if lo < hi:
-                hidden_BTD[b, lo - h_lo:hi - h_lo] = h_TD[lo - t:hi - t]
+                hidden_BLW[b, lo - h_lo:hi - h_lo] = h_TW[lo - t:hi - t]
             ids[b].append(str(item["id"]))
             sq_tokens += n * n
             t += n
-    if hidden_BTD is None:  # only empty rows: width and dtype from any row of the source
+    if hidden_BLW is None:  # only empty rows: width and dtype from any row of the source
         h = source[0]["hidden"]
-        hidden_BTD = torch.zeros(B, L, h.shape[-1], dtype=h.dtype)
-    out["hidden"] = hidden_BTD
-    out["ids"], out["sq_tokens"] = ids, sq_tokens
-    return out
+        hidden_BLW = torch.zeros(B, L, h.shape[-1], dtype=h.dtype)
+    return MicroBatch(**ints, loss_mask=loss_mask, doc_ids=doc_ids, hidden=hidden_BLW, conversation_ids=ids,
+                      sq_tokens=sq_tokens)
 
 
 class PackedLoader:
@@ -183,11 +221,11 @@ class PackedLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> MicroBatch:
         if self.micro_step >= self.steps_per_epoch():
             self.epoch, self.micro_step = self.epoch + 1, 0
         batch = collate(self.source, self.rows_of(self.micro_step), self.pad_multiple, self.hidden_part)
-        batch["epoch"], batch["micro_step"] = self.epoch, self.micro_step
+        batch.epoch, batch.micro_step = self.epoch, self.micro_step
         self.micro_step += 1
         return batch
 
@@ -230,21 +268,20 @@ class Prefetcher:
             while not self._stop.is_set():
                 batch = next(self.loader)
                 if self.pin_memory:
-                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-                batch["_state"] = self.loader.state_dict()
-                self._queue.put(batch)
+                    batch = batch.pin_memory()
+                self._queue.put((batch, self.loader.state_dict()))  # the loader state right after this batch
         except BaseException as e:  # handed to the consumer, raised there
             self._queue.put(e)
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> MicroBatch:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        self._state = item.pop("_state")
-        return item
+        batch, self._state = item
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._state)
@@ -262,7 +299,7 @@ class Prefetcher:
 def eval_batches(source: RowSource, indices: Sequence[int], *, max_tokens: int, batch_rows: int, rank: int,
                  world_size: int, pad_multiple: int = 64, max_rows: int = 0,
                  hidden_part: tuple[int, int] | None = None):
-    """This rank's validation micro-batches: every packed row exactly once (no shuffle, no drop).
+    """This rank's validation MicroBatches micro-batches: every packed row exactly once (no shuffle, no drop).
 
     All ranks yield the same number of micro-batches (FSDP needs every rank in every forward); a rank short of
     rows gets empty (all-padding) rows, which contribute no valid positions.
@@ -315,10 +352,3 @@ def check_manifest(manifest: dict[str, Any], target_cfg: dict[str, Any], layer_i
         raise ValueError(f"shards {where} do not match the configured target: " + "; ".join(problems))
     return got_ids
 
-
-def to_packed_batch(raw: dict[str, Any], device: torch.device):
-    """A collated micro-batch -> stage3_train.ttt.PackedBatch on `device` (hidden stays in the shard dtype)."""
-    from stage3_train.ttt import PackedBatch
-
-    keys = ("input_ids", "hidden", "target_ids", "loss_mask", "position_ids", "doc_ids")
-    return PackedBatch(**{k: raw[k].to(device, non_blocking=True) for k in keys})

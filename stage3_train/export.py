@@ -11,12 +11,22 @@ The folder: `config.json` + `model.safetensors`.
 - config.json: `architectures: ["LlamaForCausalLMEagle3"]`, `model_type: "llama"`, one hidden layer, the
   draft's shape, `vocab_size` = the target's, `draft_vocab_size`, `target_hidden_size` when it differs, rope
   settings and `max_position_embeddings` copied from the target's config.json, `tie_word_embeddings: false`,
-  `torch_dtype: bfloat16`.
+  `torch_dtype: bfloat16`. RoPE in both spellings whatever the target uses: transformers-5 `rope_parameters` and
+  the legacy top-level `rope_theta` / `rope_scaling` (None for plain RoPE), because SGLang's Llama layers read
+  `getattr(config, "rope_theta", 10000)` and would serve a transformers-5 export with the wrong base.
 - Aux layer ids (vLLM convention: id j = the residual stream entering target layer j, HF hidden_states[j]) are
   written only when they differ from the engines' default (2, N//2, N-3): at the top level as
   `eagle_aux_hidden_state_layer_ids` (vLLM reads this first) and as `eagle_config.eagle_aux_hidden_state_layer_ids`
   minus 1 (SGLang adds 1). Both or neither: vLLM 0.32's runner falls back to eagle_config's list *without*
-  adding 1 when the top-level key is missing, so the minus-1 list must never appear alone.
+  adding 1 when the top-level key is missing, so the minus-1 list must never appear alone. The ids pass
+  `common.target.aux_layer_ids` (ascending, no id 0, in [1, N-1]): the one rule stage 2 and training use.
+- `eagle3_export.json`: what the export knows beside the weights: aux layer ids, draft vocabulary, and per engine
+  the compatibility notes (`sglang_check` run on the folder's config and tensors; options vLLM serves but SGLang
+  ignores, e.g. `norm_before_residual` or a number of aux layers other than three, are warnings logged at export
+  time and listed there). A problem the check calls an error stops the export.
+
+`read_export` / `load_into` also read the layouts published drafts use (SpecForge/EAGLE `midlayer.*`, vLLM
+speculators `layers.0.*`, see `stage3_train.published`).
 """
 from __future__ import annotations
 
@@ -29,19 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from common.target import default_aux_layer_ids
+from common.logs import get_logger
+from common.target import aux_layer_ids, default_aux_layer_ids
+from stage3_train import published, sglang_check
+
+log = get_logger("stage3")
 
 ARCH = "LlamaForCausalLMEagle3"
-WEIGHT_KEYS = (
-    "fc.weight", "norm.weight", "lm_head.weight",
-    "midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight", "midlayer.post_attention_layernorm.weight",
-    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight", "midlayer.self_attn.v_proj.weight",
-    "midlayer.self_attn.o_proj.weight", "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight",
-    "midlayer.mlp.down_proj.weight",
-)
-VOCAB_KEYS = ("d2t", "t2d")
+META_FILE = "eagle3_export.json"
+WEIGHT_KEYS = published.WEIGHT_KEYS
+VOCAB_KEYS = published.VOCAB_KEYS
 # Keys copied from the target's config.json when present: positions, rope, tokens.
 TARGET_KEYS = ("max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
                "bos_token_id", "eos_token_id", "pad_token_id")
@@ -60,6 +69,8 @@ def export_config(shape: dict[str, Any], target_cfg: dict[str, Any], layer_ids: 
     if missing:
         raise ValueError(f"draft shape lacks {missing}")
     tcfg = target_cfg.get("text_config", target_cfg)  # multimodal targets nest the text model's config
+    num_layers = int(tcfg["num_hidden_layers"])
+    layer_ids = aux_layer_ids(layer_ids, num_layers, "export layer_ids")
     cfg: dict[str, Any] = {"architectures": [ARCH], "model_type": "llama", "num_hidden_layers": 1,
                            **{k: shape[k] for k in SHAPE_KEYS}, "vocab_size": int(tcfg["vocab_size"]),
                            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
@@ -69,11 +80,45 @@ def export_config(shape: dict[str, Any], target_cfg: dict[str, Any], layer_ids: 
     if int(shape["target_hidden_size"]) != int(shape["hidden_size"]):
         cfg["target_hidden_size"] = int(shape["target_hidden_size"])
     cfg.update({k: tcfg[k] for k in TARGET_KEYS if tcfg.get(k) is not None})
-    if list(layer_ids) != default_aux_layer_ids(int(tcfg["num_hidden_layers"])):
+    cfg.update(rope_fields(tcfg))
+    if list(layer_ids) != default_aux_layer_ids(num_layers):
         cfg["eagle_aux_hidden_state_layer_ids"] = [int(i) for i in layer_ids]
         cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [int(i) - 1 for i in layer_ids],
                                "use_aux_hidden_state": True}
     return cfg
+
+
+def rope_fields(tcfg: dict[str, Any]) -> dict[str, Any]:
+    """RoPE in both spellings: `rope_parameters` (transformers 5) and top-level `rope_theta` + `rope_scaling`
+    (transformers 4; what SGLang's Llama layers read), derived from whichever the target's config has."""
+    from stage3_train.model import rope_parameters_of
+
+    params = rope_parameters_of(tcfg)
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return {"rope_parameters": params, "rope_theta": float(params["rope_theta"]),
+            "rope_scaling": None if scaling.get("rope_type", "default") == "default" else scaling}
+
+
+def compatibility(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                  num_target_layers: int | None) -> dict[str, list[dict[str, str]]]:
+    """Per engine, the problems serving this folder would have. vLLM: none known (it is verified by serving, see
+    tests/test_served_acceptance.py); SGLang: `sglang_check` (it cannot be installed here)."""
+    problems = sglang_check.check(config, tensors, num_target_layers)
+    return {"vLLM": [], "SGLang": [{"level": p.level, "field": p.field, "message": p.message} for p in problems]}
+
+
+def check_engines(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                  num_target_layers: int | None) -> dict[str, list[dict[str, str]]]:
+    """`compatibility`, with errors raised (ValueError naming engine and field) and warnings logged."""
+    notes = compatibility(config, tensors, num_target_layers)
+    for engine, problems in notes.items():
+        errors = [p for p in problems if p["level"] == "error"]
+        if errors:
+            raise ValueError("export would not serve in " + engine + ": " +
+                             "; ".join(f"{p['field']}: {p['message']}" for p in errors))
+        for p in problems:
+            log.warning(f"export: {engine}: {p['field']}: {p['message']}")
+    return notes
 
 
 def export_tensors(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
@@ -91,14 +136,18 @@ def export_tensors(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str,
     return out
 
 
-def write_export(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write config.json + model.safetensors into a temp folder beside `out_dir`, fsync, rename into place."""
+def write_export(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 meta: dict[str, Any] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ META_FILE when `meta` is given) into a temp folder beside
+    `out_dir`, fsync, rename into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if meta is not None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -114,7 +163,17 @@ def write_export(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch
 def export_state(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: Path) -> Path:
     """Export a model state dict; `meta` is what the trainer stores beside checkpoints (see `run_meta`)."""
     config = export_config(shape_of(meta["shape"]), meta["target_config"], meta["layer_ids"])
-    return write_export(out_dir, config, export_tensors(state, config["vocab_size"]))
+    tensors = export_tensors(state, config["vocab_size"])
+    tcfg = meta["target_config"].get("text_config", meta["target_config"])
+    num_layers = int(tcfg["num_hidden_layers"])
+    notes = check_engines(config, tensors, num_layers)
+    info = {"aux_layer_ids": aux_layer_ids(meta["layer_ids"], num_layers), "num_target_layers": num_layers,
+            "draft_vocab_size": config["draft_vocab_size"], "vocab_size": config["vocab_size"],
+            "target": meta.get("target"), "engine_compatibility": notes,
+            "engines_verified": {"vLLM": "served by the real vLLM CPU server in the slow tests",
+                                 "SGLang": "checked against SGLang's loader by stage3_train/sglang_check.py "
+                                           "(not served here)"}}
+    return write_export(out_dir, config, tensors, info)
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
@@ -131,28 +190,10 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
 
 
 def read_export(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, tensors) of an export folder, checked: the right architecture and every weight present."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json")
-    config = json.loads((folder / "config.json").read_text())
-    if ARCH not in config.get("architectures", []) and "Eagle3LlamaForCausalLM" not in config.get("architectures", []):
-        raise ValueError(f"{folder}/config.json: architectures {config.get('architectures')} is not EAGLE-3 Llama")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder} has no .safetensors file")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    tensors = {k.removeprefix("model."): v for k, v in tensors.items() if "embed_tokens" not in k}
-    missing = [k for k in WEIGHT_KEYS if k not in tensors]
-    if missing:
-        raise ValueError(f"{folder}: missing tensors {missing}")
-    vocab, draft_vocab = int(config["vocab_size"]), int(config.get("draft_vocab_size") or config["vocab_size"])
-    if "d2t" not in tensors:  # full-vocabulary draft: identity mapping
-        tensors["d2t"] = torch.zeros(draft_vocab, dtype=torch.long)
-        tensors["t2d"] = torch.ones(vocab, dtype=torch.bool)
-    return config, tensors
+    """(config, tensors) of an export or published EAGLE-3 folder, in this project's layout: a flat Llama config,
+    every weight present under its `midlayer.*` name, no embed_tokens, and both d2t and t2d (identity when the
+    draft vocabulary is the whole target vocabulary). See `stage3_train.published` for the layouts read."""
+    return published.read_published(Path(folder))
 
 
 def layer_ids_of(config: dict[str, Any], num_target_layers: int) -> list[int]:
@@ -201,33 +242,28 @@ def load_into(model: torch.nn.Module, folder: Path) -> None:
     The model's own d2t/t2d (the shards' vocabulary) are kept.
     """
     config, tensors = read_export(folder)
+    published.check_matches(config, tensors, model, folder)  # before any copy: a refusal leaves `model` as it was
     own = model.state_dict()
     for k in WEIGHT_KEYS:
-        if k == "lm_head.weight":
-            continue
-        if tuple(tensors[k].shape) != tuple(own[k].shape):
-            raise ValueError(f"{folder}: {k} has shape {tuple(tensors[k].shape)}, the draft built for these shards "
-                             f"has {tuple(own[k].shape)}")
-        own[k].copy_(tensors[k])
+        if k != "lm_head.weight":
+            own[k].copy_(tensors[k])
     old_tok = torch.arange(len(tensors["d2t"])) + tensors["d2t"]        # target id of each old draft row
     new_tok = torch.arange(len(model.d2t)) + model.d2t.cpu()
     old_row = torch.full((int(config["vocab_size"]),), -1, dtype=torch.long)
     old_row[old_tok] = torch.arange(len(old_tok))
-    if len(old_row) != model.config.vocab_size:
-        raise ValueError(f"{folder}: vocab_size {len(old_row)} != the target's {model.config.vocab_size}")
     src = old_row[new_tok]
     keep = src >= 0
     head = own["lm_head.weight"]
-    if tensors["lm_head.weight"].shape[1] != head.shape[1]:
-        raise ValueError(f"{folder}: lm_head width {tensors['lm_head.weight'].shape[1]} != {head.shape[1]}")
     head[keep.to(head.device)] = tensors["lm_head.weight"][src[keep]].to(head.dtype).to(head.device)
     if not bool(keep.all()):
-        print(f"load_into: {int((~keep).sum())} of {len(keep)} draft tokens are new; their lm_head rows start fresh")
+        log.info(f"load_into: {int((~keep).sum())} of {len(keep)} draft tokens are new; their lm_head rows "
+                 "start fresh")
 
 
 def draft_from_export(folder: Path, target_dir: Path | None = None):
     """A trainable Eagle3Draft (fp32) from an export folder; embeddings from `target_dir` when given."""
-    from stage3_train.model import Eagle3Draft, load_target_embeddings
+    from stage3_train.model import Eagle3Draft
+    from stage3_train.target_embeddings import load_target_embeddings
 
     config, tensors = read_export(folder)
     model = Eagle3Draft(draft_config_of(config))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +32,58 @@ def acceptance_length(acc: Sequence[float]) -> float:
         run *= float(a)
         total += run
     return total
+
+
+@dataclass
+class StepStats:
+    """Named sums of the training statistics, over micro-batches and (after `all_reduce`) over ranks.
+
+    ce_sum / correct / valid: [k] float64 per TTT step (summed CE, argmax hits, labelled positions);
+    tokens: non-padding tokens; sq_tokens: sum of squared conversation lengths (attention FLOPs). All on the compute
+    device (no host sync until `summarize`). Crossing ranks they travel as ONE flat [3k + 2] tensor."""
+    ce_sum: torch.Tensor
+    correct: torch.Tensor
+    valid: torch.Tensor
+    tokens: torch.Tensor     # 0-d float64
+    sq_tokens: torch.Tensor  # 0-d float64
+
+    @staticmethod
+    def zeros(k: int, device: torch.device | str) -> "StepStats":
+        z = torch.zeros(3 * k + 2, dtype=torch.float64, device=device)
+        return StepStats.from_flat(z, k)
+
+    @staticmethod
+    def from_flat(flat: torch.Tensor, k: int) -> "StepStats":
+        """The inverse of `flat()`: [ce(k), correct(k), valid(k), tokens, sq_tokens] (views, no copy)."""
+        return StepStats(flat[:k], flat[k:2 * k], flat[2 * k:3 * k], flat[3 * k], flat[3 * k + 1])
+
+    @property
+    def k(self) -> int:
+        return self.ce_sum.numel()
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([self.ce_sum, self.correct, self.valid, self.tokens.reshape(1), self.sq_tokens.reshape(1)])
+
+    def __add__(self, other: "StepStats") -> "StepStats":
+        return StepStats.from_flat(self.flat() + other.flat(), self.k)
+
+    def all_reduce(self) -> "StepStats":
+        """Sum over all ranks (one collective)."""
+        import torch.distributed as dist
+
+        flat = self.flat()
+        dist.all_reduce(flat)
+        return StepStats.from_flat(flat, self.k)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.ce_sum).all())
+
+    def summarize(self, decay: float) -> dict[str, Any]:
+        """-> loss = sum_i decay^i ce_i / valid_i, per-step accuracy correct_i / valid_i, acceptance length."""
+        valid = self.valid.clamp(min=1)
+        acc = (self.correct / valid).tolist()
+        loss = float(sum(decay ** i * (self.ce_sum[i] / valid[i]) for i in range(self.k)))
+        return {"loss": loss, "acc": acc, "accept_len": acceptance_length(acc), "valid": self.valid.tolist()}
 
 
 def peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:

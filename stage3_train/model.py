@@ -14,14 +14,18 @@ So the hidden that feeds the next TTT step (and the next draft position when ser
 stream `h_t`, and the logits use `norm(h_t)`: vLLM's `LlamaModel.forward` returns `(norm(h), h)` and its proposer feeds
 the second one back. A draft id d is target id `d + d2t[d]`; `t2d[v]` says whether target id v is in the draft vocab.
 
-The step works on flat token tensors [N = B*T, ...]; packed conversations are kept apart by `Segments` (attention
-never crosses a border). No I/O except `load_target_embeddings`, no parallelism.
+The step works on flat token tensors [N = B*T, ...]. One forward serves both uses (gpt-fast style); only the
+attention kernel differs:
+  training  packed conversations kept apart by `Segments`, TTT attention over the causal block of step 0 plus the
+            diagonal keys of steps 1..i (`cache` = tuples of earlier steps' keys/values, attention.py);
+  decoding  a `KVCache` of rows [R, Hkv, D]: the step appends its N rows, then SDPA with an explicit bool mask
+            [N, R] (True = attend) over all cache rows (evaluation/spec_decode.py builds chains and trees with it).
+RoPE rotates the first `rotary_dim = partial_rotary_factor * head_dim` dims of each head (HF/vLLM, neox halves) and
+passes the rest through. No I/O (the target embeddings: target_embeddings.py), no parallelism.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -30,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from stage3_train.attention import Segments, ttt_attention
+from stage3_train.kv_cache import KVCache, cached_attention
 from stage3_train import attention as _attention
 from stage3_train import loss as _loss
 from stage3_train.loss import HeadGrad, linear_cross_entropy
@@ -67,6 +72,14 @@ class DraftConfig:
             raise ValueError(f"only SwiGLU (hidden_act='silu') drafts are supported, got {self.hidden_act!r}")
         if "rope_type" not in self.rope_parameters or "rope_theta" not in self.rope_parameters:
             raise ValueError(f"rope_parameters needs rope_type and rope_theta, got {self.rope_parameters}")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"partial_rotary_factor={self.rope_parameters.get('partial_rotary_factor')} gives "
+                             f"rotary_dim={self.rotary_dim}: must be even and in (0, head_dim={self.head_dim}]")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones): int(partial_rotary_factor * head_dim), as HF/vLLM."""
+        return int(self.head_dim * float(self.rope_parameters.get("partial_rotary_factor", 1.0)))
 
     @classmethod
     def from_target_config(cls, hf_cfg: dict[str, Any], draft_vocab_size: int | None = None,
@@ -105,14 +118,20 @@ class DraftConfig:
 
 
 def rope_parameters_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    """transformers-5 `rope_parameters` from a config dict: v5 field as is, else v4 `rope_theta` + `rope_scaling`."""
+    """transformers-5 `rope_parameters` from a config dict: v5 field as is, else v4 `rope_theta` + `rope_scaling`.
+
+    A v4 top-level `partial_rotary_factor` (what the export copies into config.json) moves inside, as transformers 5
+    standardises it; one already inside `rope_parameters` wins.
+    """
     if isinstance(cfg.get("rope_parameters"), dict) and "rope_theta" in cfg["rope_parameters"]:
         params = dict(cfg["rope_parameters"])
         params.setdefault("rope_type", params.pop("type", "default"))
-        return params
-    params = dict(cfg.get("rope_scaling") or {})
-    params["rope_type"] = params.pop("type", None) or params.get("rope_type") or "default"
-    params["rope_theta"] = float(cfg.get("rope_theta", 10000.0))
+    else:
+        params = dict(cfg.get("rope_scaling") or {})
+        params["rope_type"] = params.pop("type", None) or params.get("rope_type") or "default"
+        params["rope_theta"] = float(cfg.get("rope_theta", 10000.0))
+    if cfg.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", float(cfg["partial_rotary_factor"]))
     return params
 
 
@@ -123,11 +142,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def apply_rope(x_NhD: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin (HF/vLLM neox-style halves)."""
-    x1, x2 = x_NhD.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x_NhD * cos_ND[:, None] + rotated * sin_ND[:, None]
+def apply_rope(x_NhD: torch.Tensor, cos_Nr: torch.Tensor, sin_Nr: torch.Tensor) -> torch.Tensor:
+    """x_rot * cos + rotate_half(x_rot) * sin on the first r = cos.shape[-1] dims of each head (HF/vLLM neox-style
+    halves); the other D - r dims pass through unchanged (partial_rotary_factor < 1)."""
+    r = cos_Nr.shape[-1]
+    x_rot, x_pass = x_NhD[..., :r], x_NhD[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    out = x_rot * cos_Nr[:, None] + torch.cat((-x2, x1), dim=-1) * sin_Nr[:, None]
+    return out if r == x_NhD.shape[-1] else torch.cat((out, x_pass), dim=-1)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -158,16 +180,19 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """RoPE cos/sin from transformers' Llama rotary embedding (all rope types: default, llama3, yarn, ...)."""
+    """RoPE cos/sin [N, rotary_dim] from transformers' Llama rotary embedding (all rope types: default, llama3, yarn,
+    ...). Built for a head of `rotary_dim` dims: HF's default rope ignores partial_rotary_factor, the scaled types
+    would take int(head_dim * factor); both give rotary_dim / 2 frequencies over rotary_dim this way."""
 
     def __init__(self, cfg: DraftConfig) -> None:
         super().__init__()
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+        params = {k: v for k, v in cfg.rope_parameters.items() if k != "partial_rotary_factor"}
         hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-                         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
-                         rope_parameters=dict(cfg.rope_parameters))
+                         head_dim=cfg.rotary_dim, max_position_embeddings=cfg.max_position_embeddings,
+                         rope_parameters=params)
         with torch.device("cpu"):  # real inv_freq even when the model is built on the meta device (FSDP2 init)
             self._hf = [LlamaRotaryEmbedding(hf)]  # a list: not a submodule, so no state-dict key, moved lazily
 
@@ -175,8 +200,8 @@ class Rotary(nn.Module):
         rope = self._hf[0]
         if rope.inv_freq.device != x.device:
             rope.to(x.device)
-        cos_1ND, sin_1ND = rope(x, position_ids_N[None])
-        return cos_1ND[0], sin_1ND[0]
+        cos_1Nr, sin_1Nr = rope(x, position_ids_N[None])
+        return cos_1Nr[0], sin_1Nr[0]
 
 
 class Attention(nn.Module):
@@ -188,20 +213,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(2 * cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x_N2H: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor, segments: Segments,
-                cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
+    def forward(self, x_N2H: torch.Tensor, cos_Nr: torch.Tensor, sin_Nr: torch.Tensor, segments: Segments | None,
+                cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]],
+                kv_cache: KVCache | None = None, mask_NR: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (o_proj output [N, H], this step's post-RoPE k and v [N, Hkv, D]).
 
-        `cache` = (keys, values) of the earlier TTT steps: entry 0 is step 0's (the causal block), entries 1.. are the
-        diagonal keys of steps 1..i-1. Empty at step 0 (then the step attends causally to its own keys).
+        Training (kv_cache None): `cache` = (keys, values) of the earlier TTT steps: entry 0 is step 0's (the causal
+        block), entries 1.. are the diagonal keys of steps 1..i-1. Empty at step 0 (then the step attends causally
+        to its own keys). Decoding: k, v are appended to `kv_cache` (R rows after), row n attends where mask_NR[n].
         """
         N = x_N2H.shape[0]
-        q_NhD = _K["rope"](self.q_proj(x_N2H).view(N, self.num_heads, self.head_dim), cos_ND, sin_ND)
-        k_NkD = _K["rope"](self.k_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim), cos_ND, sin_ND)
+        q_NhD = _K["rope"](self.q_proj(x_N2H).view(N, self.num_heads, self.head_dim), cos_Nr, sin_Nr)
+        k_NkD = _K["rope"](self.k_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim), cos_Nr, sin_Nr)
         v_NkD = self.v_proj(x_N2H).view(N, self.num_kv_heads, self.head_dim)
-        keys, values = (*cache[0], k_NkD), (*cache[1], v_NkD)
-        o_NhD = ttt_attention(q_NhD, keys, values, segments)
+        if kv_cache is None:
+            o_NhD = ttt_attention(q_NhD, (*cache[0], k_NkD), (*cache[1], v_NkD), segments)
+        else:
+            kv_cache.append(k_NkD, v_NkD)
+            o_NhD = cached_attention(q_NhD, kv_cache, mask_NR)
         return self.o_proj(o_NhD.reshape(N, -1)), k_NkD, v_NkD
 
 
@@ -236,11 +266,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, hidden_NH, embeds_NH, cos_ND, sin_ND, segments, cache):
+    def forward(self, hidden_NH, embeds_NH, cos_Nr, sin_Nr, segments, cache, kv_cache=None, mask_NR=None):
         normed_NH = self.hidden_norm(hidden_NH)
         residual_NH = normed_NH if self.norm_before_residual else hidden_NH
         x_N2H = torch.cat([self.input_layernorm(embeds_NH), normed_NH], dim=-1)  # embeddings first (vLLM, SGLang)
-        attn_NH, k_NkD, v_NkD = self.self_attn(x_N2H, cos_ND, sin_ND, segments, cache)
+        attn_NH, k_NkD, v_NkD = self.self_attn(x_N2H, cos_Nr, sin_Nr, segments, cache, kv_cache, mask_NR)
         residual_NH = attn_NH + residual_NH
         out_NH = self.mlp(self.post_attention_layernorm(residual_NH)) + residual_NH
         return out_NH, k_NkD, v_NkD
@@ -304,18 +334,24 @@ class Eagle3Draft(nn.Module):
         draft_ids = torch.arange(self.d2t.numel(), device=self.d2t.device)
         return index.index_copy_(0, draft_ids + self.d2t, draft_ids)
 
-    def _layer(self, hidden_NH, input_ids_N, position_ids_N, segments, cache):
+    def new_kv_cache(self, capacity: int = 256) -> KVCache:
+        """An empty decoding KVCache for this draft (its device and dtype), grown past `capacity` rows as needed."""
+        cfg, w = self.config, self.fc.weight
+        return KVCache(cfg.num_key_value_heads, cfg.head_dim, capacity, device=w.device, dtype=w.dtype)
+
+    def _layer(self, hidden_NH, input_ids_N, position_ids_N, segments, cache, kv_cache=None, mask_NR=None):
         embeds_NH = self.embed_tokens(input_ids_N).to(hidden_NH.dtype)
-        cos_ND, sin_ND = self.rotary(hidden_NH, position_ids_N)
-        out_NH, k_NkD, v_NkD = self.midlayer(hidden_NH, embeds_NH, cos_ND, sin_ND, segments, cache)
+        cos_Nr, sin_Nr = self.rotary(hidden_NH, position_ids_N)
+        out_NH, k_NkD, v_NkD = self.midlayer(hidden_NH, embeds_NH, cos_Nr, sin_Nr, segments, cache, kv_cache,
+                                             mask_NR)
         return out_NH, self.norm(out_NH), k_NkD, v_NkD
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: Segments,
-                cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ()),
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                segments: Segments | None, cache: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] = ((), ()),
                 labels: torch.Tensor | None = None, *, project: bool = False, checkpoint: bool = False,
-                loss_weight: float = 1.0, head_grad: HeadGrad | None = None,
-                loss_chunk: int | None = None) -> DraftStep:
-        """One draft (TTT) step over N flat tokens.
+                loss_weight: float = 1.0, head_grad: HeadGrad | None = None, loss_chunk: int | None = None,
+                kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> DraftStep:
+        """One draft step over N flat tokens: a TTT training step, or a decoding step with a KV cache.
 
         hidden: [N, num_aux*H_t] target features when `project` (step 0, goes through fc), else [N, H] (the previous
         step's `DraftStep.hidden`); input_ids [N] the tokens to embed; position_ids [N] RoPE positions; cache: the
@@ -323,15 +359,28 @@ class Eagle3Draft(nn.Module):
         returns loss_weight * (summed CE) through the fused lm_head + cross-entropy (no [N, Vd] logits kept);
         head_grad shares one lm_head grad accumulator between steps whose losses are summed (loss.py).
         checkpoint: recompute the decoder layer in backward (only its inputs are kept).
+        Decoding: kv_cache (see `new_kv_cache`) gets this step's N rows appended, then row n attends to the R cache
+        rows where attn_mask[n] (bool [N, R], R counted after the append); segments and cache are unused (None, ()).
         """
         if project:
             hidden = self.fc(hidden.to(self.fc.weight.dtype))
+        if kv_cache is not None:
+            N_R = (hidden.shape[0], len(kv_cache) + hidden.shape[0])
+            if attn_mask is None or tuple(attn_mask.shape) != N_R:
+                raise ValueError(f"decoding needs a bool attn_mask [N, R] = {list(N_R)}, got "
+                                 f"{None if attn_mask is None else tuple(attn_mask.shape)}")
+            out_NH, normed_NH, k, v = self._layer(hidden, input_ids, position_ids, None, ((), ()), kv_cache,
+                                                  attn_mask.to(device=hidden.device, dtype=torch.bool))
+            return self._head(out_NH, normed_NH, k, v, labels, loss_weight, head_grad, loss_chunk)
         cache = (tuple(cache[0]), tuple(cache[1]))  # snapshot: checkpoint recomputes with these exact inputs
         if checkpoint and torch.is_grad_enabled():
             out_NH, normed_NH, k, v = activation_checkpoint(self._layer, hidden, input_ids, position_ids, segments,
                                                             cache, use_reentrant=False)
         else:
             out_NH, normed_NH, k, v = self._layer(hidden, input_ids, position_ids, segments, cache)
+        return self._head(out_NH, normed_NH, k, v, labels, loss_weight, head_grad, loss_chunk)
+
+    def _head(self, out_NH, normed_NH, k, v, labels, loss_weight, head_grad, loss_chunk) -> DraftStep:
         if labels is None:
             return DraftStep(out_NH, k, v, normed_NH, None, None, None)
         loss, ce_sum, correct = linear_cross_entropy(normed_NH, self.lm_head.weight, labels, chunk_size=loss_chunk,
@@ -341,59 +390,6 @@ class Eagle3Draft(nn.Module):
     def compute_logits(self, normed_NH: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits [N, Vd] (evaluation only: training never materialises them)."""
         return self.lm_head(normed_NH)
-
-
-def _safetensors_file_for(target_dir: Path, keys: tuple[str, ...]) -> tuple[Path, str] | None:
-    index = target_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        for key in keys:
-            if key in weight_map:
-                return target_dir / weight_map[key], key
-        for name, file in weight_map.items():  # e.g. model.language_model.embed_tokens.weight
-            if name.endswith(keys[0].split("model.", 1)[-1]) and "vision" not in name:
-                return target_dir / file, name
-        return None
-    from safetensors import safe_open
-
-    for file in sorted(target_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            names = list(f.keys())
-        for key in keys:
-            if key in names:
-                return file, key
-        for name in names:
-            if name.endswith(keys[0].split("model.", 1)[-1]) and "vision" not in name:
-                return file, name
-    return None
-
-
-@torch.no_grad()
-def load_target_embeddings(model: Eagle3Draft, target_dir: str | Path) -> None:
-    """Copy the target's input embedding into `model.embed_tokens` reading ONLY that tensor (safe_open, lazily).
-
-    Looks for `model.embed_tokens.weight` (via the index json of sharded checkpoints); falls back to `lm_head.weight`
-    only when the target ties its embeddings and stores just the head.
-    """
-    from safetensors import safe_open
-
-    target_dir = Path(target_dir)
-    if not target_dir.is_dir():
-        raise ValueError(f"target folder {target_dir} does not exist")
-    found = _safetensors_file_for(target_dir, ("model.embed_tokens.weight",))
-    if found is None:
-        cfg_file = target_dir / "config.json"
-        tied = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("tie_word_embeddings", False)
-        found = _safetensors_file_for(target_dir, ("lm_head.weight",)) if tied else None
-    if found is None:
-        raise ValueError(f"no embed_tokens weight in the safetensors of {target_dir}")
-    file, key = found
-    with safe_open(str(file), framework="pt") as f:
-        weight = f.get_tensor(key)
-    if tuple(weight.shape) != tuple(model.embed_tokens.weight.shape):
-        raise ValueError(f"{file.name}:{key} has shape {tuple(weight.shape)}, the draft expects "
-                         f"{tuple(model.embed_tokens.weight.shape)} (vocab_size x hidden_size)")
-    model.embed_tokens.weight.copy_(weight.to(model.embed_tokens.weight.dtype))
 
 
 def num_flops_per_token(cfg: DraftConfig, ttt_steps: int, context: int) -> float:

@@ -33,13 +33,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from stage3_train import attention as _att
-from stage3_train.attention import Segments, _acc, _expand_kv, _group_sum
+from stage3_train.attention import (ROW_CHUNK, FlashBlock, Segments, acc_dtype, flash_block_backward,
+                                    flash_block_forward, merge_backward, merge_forward)
 from stage3_train.ttt import PackedBatch
+
+if TYPE_CHECKING:
+    from stage3_train.data import MicroBatch
 
 # torch >= 2.12 renames these collectives (the GPU stack, 2.11, has only the old names): same semantics.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* deprecated")
@@ -75,19 +79,25 @@ class SPSegments(Segments):
     """Local segments (a Segments for the local slice) plus the prefix block's index maps.
 
     q_index [nx]: flat local queries of the first segment of each crossing row; k_index [nk]: their keys in the
-    gathered layout (rank-major [N, B, L]); cu_q/cu_k int32 and bounds_q/bounds_k: per-row borders of both.
+    gathered layout (rank-major [N, B, L]); prefix: the non-causal FlashBlock between them (per-row borders
+    bounds_q / bounds_k), None when no conversation crosses into this rank's slice.
     """
     sp: SPGroup
     q_index: torch.Tensor
     k_index: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    bounds_q: tuple[int, ...]
-    bounds_k: tuple[int, ...]
+    prefix: FlashBlock | None
 
     @property
     def has_prefix(self) -> bool:
-        return len(self.bounds_q) > 1
+        return self.prefix is not None
+
+    @property
+    def bounds_q(self) -> tuple[int, ...]:
+        return self.prefix.bounds_q if self.prefix else (0,)
+
+    @property
+    def bounds_k(self) -> tuple[int, ...]:
+        return self.prefix.bounds_k if self.prefix else (0,)
 
     def attend(self, q, keys, values, scale: float) -> torch.Tensor:
         kv = [t.contiguous() for t in (*keys, *values)]
@@ -162,24 +172,23 @@ def shard_batch(batch: PackedBatch, sp: SPGroup, ttt_steps: int, device: torch.d
     base = Segments.from_doc_ids(local.doc_ids)
     cat = (lambda xs: torch.cat(xs).to(device)) if q_idx else (lambda xs: torch.zeros(0, dtype=torch.long,
                                                                                       device=device))
-    seg = SPSegments(base.cu_seqlens, base.bounds, base.max_len, sp, cat(q_idx), cat(k_idx),
-                     torch.tensor(bq, dtype=torch.int32, device=device),
-                     torch.tensor(bk, dtype=torch.int32, device=device), bq, bk)
+    prefix = FlashBlock.cross(bq, bk, device) if q_idx else None
+    seg = SPSegments(base.cu_seqlens, base.bounds, base.max_len, sp, cat(q_idx), cat(k_idx), prefix)
     return local, SequenceShard(halo, seg)
 
 
-def shard_collated(raw: dict, sp: SPGroup, ttt_steps: int, device: torch.device | str) -> tuple[PackedBatch,
-                                                                                                SequenceShard]:
-    """`shard_batch` of a data.collate micro-batch whose `hidden` is either the whole rows [B, T, W] or already this
-    rank's slice [B, ceil(T/N), W] (the loader's hidden_part): the trainer's path, host memory O(T/N) per rank."""
-    B, T = raw["input_ids"].shape
-    hidden = raw["hidden"]
-    keys = ("input_ids", "target_ids", "loss_mask", "position_ids", "doc_ids")
+def shard_collated(mb: "MicroBatch", sp: SPGroup, ttt_steps: int,
+                   device: torch.device | str) -> tuple[PackedBatch, SequenceShard]:
+    """`shard_batch` of a data.MicroBatch whose `hidden` is either the whole rows [B, T, W] or already this rank's
+    slice [B, ceil(T/N), W] (the loader's hidden_part): the trainer's path, host memory O(T/N) per rank."""
+    B, T = mb.input_ids.shape
+    hidden = mb.hidden
+    ints = dict(input_ids=mb.input_ids, target_ids=mb.target_ids, loss_mask=mb.loss_mask,
+                position_ids=mb.position_ids, doc_ids=mb.doc_ids)
     if hidden.shape[1] == T and -(-T // sp.size) != T:  # whole rows
-        return shard_batch(PackedBatch(**{k: raw[k] for k in keys}, hidden=hidden), sp, ttt_steps, device)
+        return shard_batch(PackedBatch(**ints, hidden=hidden), sp, ttt_steps, device)
     placeholder = hidden[:, :1].expand(B, T, hidden.shape[-1])
-    return shard_batch(PackedBatch(**{k: raw[k] for k in keys}, hidden=placeholder), sp, ttt_steps, device,
-                       local_hidden=hidden)
+    return shard_batch(PackedBatch(**ints, hidden=placeholder), sp, ttt_steps, device, local_hidden=hidden)
 
 
 # ---------------------------------------------------------------- collectives over the SP group
@@ -197,61 +206,15 @@ def _reduce_scatter(x: torch.Tensor, sp: SPGroup) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------- prefix block: non-causal varlen flash
-def _cross_forward(q, k, v, seg: SPSegments, scale: float):
-    """Queries q [nx, Hq, D] against keys k/v [nk, Hkv, D], row by row (no causal mask) -> out, lse [Hq, nx], aux."""
-    if q.is_cuda:
-        expand = k.shape[1] != q.shape[1] and not _att._FLASH["native_gqa"]
-        if expand:
-            k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        max_q = max(b - a for a, b in zip(seg.bounds_q, seg.bounds_q[1:]))
-        max_k = max(b - a for a, b in zip(seg.bounds_k, seg.bounds_k[1:]))
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, seg.cu_q, seg.cu_k, max_q, max_k, 0.0, False, False, scale=scale)
-        return out, lse, (rng, unused, expand, max_q, max_k)
-    Hq = q.shape[1]
-    k, v = _expand_kv(k, Hq), _expand_kv(v, Hq)
-    outs, lses = [], []
-    for (qa, qb), (ka, kb) in zip(zip(seg.bounds_q, seg.bounds_q[1:]), zip(seg.bounds_k, seg.bounds_k[1:])):
-        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[qa:qb].transpose(0, 1)[None].contiguous(), k[ka:kb].transpose(0, 1)[None].contiguous(),
-            v[ka:kb].transpose(0, 1)[None].contiguous(), 0.0, False, scale=scale)[:2]
-        outs.append(o[0].transpose(0, 1))
-        lses.append(_acc(l[0]))
-    return torch.cat(outs).contiguous(), torch.cat(lses, dim=1).contiguous(), None
-
-
-def _cross_backward(dout, q, k, v, out, lse, seg: SPSegments, scale: float, aux):
-    """Flash backward of the prefix block with the merged out/lse -> dq [nx], dk, dv [nk]."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    if q.is_cuda:
-        rng, unused, expand, max_q, max_k = aux
-        if expand:
-            k, v = _expand_kv(k, Hq), _expand_kv(v, Hq)
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, seg.cu_q, seg.cu_k, max_q, max_k, 0.0, False, rng, unused, scale=scale)
-        return (dq, _group_sum(dk, Hkv), _group_sum(dv, Hkv)) if expand else (dq, dk, dv)
-    ke, ve = _expand_kv(k, Hq), _expand_kv(v, Hq)
-    grads = [[], [], []]
-    for (qa, qb), (ka, kb) in zip(zip(seg.bounds_q, seg.bounds_q[1:]), zip(seg.bounds_k, seg.bounds_k[1:])):
-        t = lambda x, s, e: x[s:e].transpose(0, 1)[None].contiguous()  # noqa: E731
-        g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            t(dout, qa, qb), t(q, qa, qb), t(ke, ka, kb), t(ve, ka, kb), t(out, qa, qb),
-            lse[:, qa:qb][None].contiguous(), 0.0, False, scale=scale)
-        for acc, gi in zip(grads, g):
-            acc.append(gi[0].transpose(0, 1))
-    dq, dk, dv = (torch.cat(g) for g in grads)
-    return dq, _group_sum(dk, Hkv), _group_sum(dv, Hkv)
-
-
+# ---------------------------------------------------------------- prefix block merge
 def _merge_blocks(out, lse_hN, idx, out_x, lse_x_hN):
     """Merge the prefix block into rows `idx` of the local block by log-sum-exp (in place, chunked)."""
-    for a in range(0, idx.numel(), _att._ROW_CHUNK):
-        i = idx[a:a + _att._ROW_CHUNK]
+    for a in range(0, idx.numel(), ROW_CHUNK):
+        i = idx[a:a + ROW_CHUNK]
         l_c, l_x = lse_hN[:, i], lse_x_hN[:, a:a + i.numel()]
         l = torch.logaddexp(l_c, l_x)
         w_c, w_x = torch.exp(l_c - l).t()[..., None], torch.exp(l_x - l).t()[..., None]   # [n, Hq, 1]
-        out[i] = (w_c * _acc(out[i]) + w_x * _acc(out_x[a:a + i.numel()])).to(out.dtype)
+        out[i] = (w_c * acc_dtype(out[i]) + w_x * acc_dtype(out_x[a:a + i.numel()])).to(out.dtype)
         lse_hN[:, i] = l
     return out, lse_hN
 
@@ -262,15 +225,16 @@ class _SPAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, seg: SPSegments, scale: float, num_keys: int, *kv):
         keys, values = kv[:num_keys], kv[num_keys:]
-        out, lse, aux = _att._causal_forward(q, keys[0], values[0], seg, scale)
+        out, lse, aux = flash_block_forward(q, keys[0], values[0], seg.causal_block(), scale)
         k_all, v_all = _gather(keys[0], seg.sp), _gather(values[0], seg.sp)  # every SP rank takes part
         aux_x = None
         if seg.has_prefix:
-            out_x, lse_x, aux_x = _cross_forward(q[seg.q_index], k_all[seg.k_index], v_all[seg.k_index], seg, scale)
+            out_x, lse_x, aux_x = flash_block_forward(q[seg.q_index], k_all[seg.k_index], v_all[seg.k_index],
+                                                      seg.prefix, scale)
             out, lse = _merge_blocks(out, lse, seg.q_index, out_x, lse_x)
         del k_all, v_all  # gathered again in backward: O(T) memory only while one block runs
         if num_keys > 1:
-            out, lse = _att._merge_forward(q, out, lse, keys[1:], values[1:], scale)
+            out, lse = merge_forward(q, out, lse, keys[1:], values[1:], scale)
         ctx.save_for_backward(q, out, lse, *kv)
         ctx.seg, ctx.scale, ctx.num_keys, ctx.aux, ctx.aux_x = seg, scale, num_keys, aux, aux_x
         return out
@@ -281,24 +245,25 @@ class _SPAttention(torch.autograd.Function):
         seg, scale = ctx.seg, ctx.scale
         keys, values = kv[:ctx.num_keys], kv[ctx.num_keys:]
         dout = dout.contiguous()
-        dq, dk0, dv0 = _att._causal_backward(dout, q, keys[0], values[0], out, lse, seg, scale, ctx.aux)
-        dq = _acc(dq)
+        dq, dk0, dv0 = flash_block_backward(dout, q, keys[0], values[0], out, lse, seg.causal_block(), scale,
+                                            ctx.aux)
+        dq = acc_dtype(dq)
         k_all, v_all = _gather(keys[0], seg.sp), _gather(values[0], seg.sp)
         dk_all = torch.zeros(k_all.shape, dtype=dq.dtype, device=dq.device)
         dv_all = torch.zeros_like(dk_all)
         if seg.has_prefix:
             i, j = seg.q_index, seg.k_index
-            dq_x, dk_x, dv_x = _cross_backward(dout[i], q[i], k_all[j], v_all[j], out[i], lse[:, i].contiguous(),
-                                               seg, scale, ctx.aux_x)
-            dq.index_add_(0, i, _acc(dq_x))
-            dk_all.index_add_(0, j, _acc(dk_x))
-            dv_all.index_add_(0, j, _acc(dv_x))
+            dq_x, dk_x, dv_x = flash_block_backward(dout[i], q[i], k_all[j], v_all[j], out[i],
+                                                    lse[:, i].contiguous(), seg.prefix, scale, ctx.aux_x)
+            dq.index_add_(0, i, acc_dtype(dq_x))
+            dk_all.index_add_(0, j, acc_dtype(dk_x))
+            dv_all.index_add_(0, j, acc_dtype(dv_x))
         del k_all, v_all
-        dk0 = (_acc(dk0) + _reduce_scatter(dk_all, seg.sp)).to(keys[0].dtype)
-        dv0 = (_acc(dv0) + _reduce_scatter(dv_all, seg.sp)).to(values[0].dtype)
+        dk0 = (acc_dtype(dk0) + _reduce_scatter(dk_all, seg.sp)).to(keys[0].dtype)
+        dv0 = (acc_dtype(dv0) + _reduce_scatter(dv_all, seg.sp)).to(values[0].dtype)
         dks, dvs = [dk0], [dv0]
         if ctx.num_keys > 1:
-            dq_diag, dk_diag, dv_diag = _att._merge_backward(dout, q, out, lse, keys[1:], values[1:], scale)
+            dq_diag, dk_diag, dv_diag = merge_backward(dout, q, out, lse, keys[1:], values[1:], scale)
             dq = dq + dq_diag
             dks += dk_diag
             dvs += dv_diag

@@ -10,6 +10,9 @@ One optimizer step (global batch = world * batch_rows * grad_accum packed rows):
 FSDP2 sums (not averages) the gradients over ranks (see parallelize.py), so the update is that of the global
 loss sum_i 0.8^i * mean CE_i, independent of how the rows are spread over ranks and micro-batches.
 
+The step is `Trainer.train_step()` (micro-batches forward + backward, clipping, AdamW, LR schedule): the loop runs it
+and benchmarks/bench_stage3.py times it; kernels, FSDP2 and the recompute choice all come from `parallelize()`.
+
 Sequence parallelism (`train.sequence_parallel=N`, rows longer than one GPU holds): the world is a ("dp", "sp")
 mesh; the N ranks of an SP group load the same rows (the loader sees dp_rank / dp_size) and each trains a contiguous
 slice of every row (sequence_parallel.py). Valid counts and gradient sums run over the whole world as above, so the
@@ -32,9 +35,9 @@ from common.logs import get_logger
 from common.target import load_config_json
 from stage3_train import checkpoint
 from stage3_train.config import TrainConfig
-from stage3_train.data import (PackedLoader, Prefetcher, check_manifest, eval_batches, open_shards, split_rows,
-                               to_packed_batch)
-from stage3_train.metrics import MetricsLogger, acceptance_length, format_line, peak_flops
+from stage3_train.data import (MicroBatch, PackedLoader, Prefetcher, check_manifest, eval_batches, open_shards,
+                               split_rows)
+from stage3_train.metrics import MetricsLogger, StepStats, format_line, peak_flops
 from stage3_train.parallelize import parallelize
 from stage3_train.sequence_parallel import SPGroup, shard_collated
 
@@ -45,7 +48,8 @@ def build_model(cfg: TrainConfig, ds, target_cfg: dict[str, Any], target_dir: Pa
     """The draft on `device` in fp32: shape from the target, vocab from the shards, frozen target embeddings,
     weights seeded (same init for any world size) or from a published draft (`train.init_from`)."""
     from stage2_hidden.vocab import load_vocab
-    from stage3_train.model import DraftConfig, Eagle3Draft, load_target_embeddings
+    from stage3_train.model import DraftConfig, Eagle3Draft
+    from stage3_train.target_embeddings import load_target_embeddings
 
     layer_ids = check_manifest(ds.manifest, target_cfg, cfg.layer_ids, cfg.data)
     d2t, t2d = load_vocab(cfg.data)
@@ -79,54 +83,44 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def summarize(stats: torch.Tensor, k: int, decay: float) -> dict[str, Any]:
-    """Global [ce_sum(k), correct(k), valid(k), ...] sums -> loss, per-step accuracy, acceptance length."""
-    ce, correct, valid = stats[:k], stats[k:2 * k], stats[2 * k:3 * k].clamp(min=1)
-    acc = (correct / valid).tolist()
-    loss = float(sum(decay ** i * (ce[i] / valid[i]) for i in range(k)))
-    return {"loss": loss, "acc": acc, "accept_len": acceptance_length(acc), "valid": stats[2 * k:3 * k].tolist()}
-
-
-def prepare_batch(raw: dict[str, Any], d: World, k: int, sp: SPGroup | None):
-    """A collated micro-batch -> (PackedBatch on the device, None), or with sequence parallelism this rank's slice
-    and its SequenceShard (the loader collated only this rank's hidden slice: host and device memory O(T/N))."""
+def prepare_batch(mb: MicroBatch, d: World, k: int, sp: SPGroup | None):
+    """A MicroBatch -> (PackedBatch on the device, None), or with sequence parallelism this rank's slice and its
+    SequenceShard (the loader collated only this rank's hidden slice: host and device memory O(T/N))."""
     if sp is None:
-        return to_packed_batch(raw, d.device), None
-    return shard_collated(raw, sp, k, d.device)
+        return mb.packed(d.device), None
+    return shard_collated(mb, sp, k, d.device)
 
 
-def train_step(model, micro: list, *, k: int, decay: float, ac: bool, step: int, d: World,
-               sp: SPGroup | None = None) -> torch.Tensor:
+def forward_backward(model, micro: list[MicroBatch], *, k: int, decay: float, ac: bool, step: int, d: World,
+                     sp: SPGroup | None = None) -> StepStats:
     """Forward/backward over the micro-batches of one optimizer step (no optimizer update).
 
-    Returns the global sums [ce(k), correct(k), valid(k), tokens, sq_tokens] (float64). Raises FloatingPointError
+    Returns the global StepStats (summed over micro-batches, all-reduced over ranks). Raises FloatingPointError
     naming the step, rank, micro-batch and conversation ids on a non-finite loss (before any update or save).
     """
     from stage3_train.ttt import ttt_forward, valid_mask
 
-    batches = [prepare_batch(b, d, k, sp) for b in micro]
+    batches = [prepare_batch(mb, d, k, sp) for mb in micro]
     valid_k = sum(valid_mask(b, k, model.t2d, None if s is None else s.halo).sum(dim=(1, 2))
                   for b, s in batches).to(torch.float64)
     dist.all_reduce(valid_k)
     weights_k = decay ** torch.arange(k, dtype=torch.float64, device=d.device) / valid_k.clamp(min=1)
-    local = []
+    local: list[StepStats] = []
     for j, (b, s) in enumerate(batches):
         model.set_requires_gradient_sync(j == len(batches) - 1)  # reduce-scatter once, after the last micro-batch
         out = ttt_forward(model, b, weights_k.float(), k, checkpoint=ac, sp=s)
         out.loss.backward()
-        tokens = (b.doc_ids >= 0).sum().double()[None]  # on device: no host sync per micro-batch
-        sq = micro[j]["sq_tokens"] if sp is None or sp.rank == 0 else 0  # whole rows: count once per SP group
-        sq_tokens = torch.tensor([sq], dtype=torch.float64).to(d.device, non_blocking=True)
-        local.append(torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double(), tokens, sq_tokens]))
-    per_micro = torch.stack(local)               # [grad_accum, 3k+2]
-    stats = per_micro.sum(0)
-    dist.all_reduce(stats)
-    if not torch.isfinite(stats[:k]).all():
-        bad = [j for j in range(len(micro)) if not torch.isfinite(per_micro[j, :k]).all()]
-        where = (f"rank {d.rank} micro-batch {bad[0]} conversations {micro[bad[0]]['ids']}" if bad
+        sq = micro[j].sq_tokens if sp is None or sp.rank == 0 else 0  # whole rows: count once per SP group
+        local.append(StepStats(out.ce_sum.double(), out.correct.double(), out.valid.double(),
+                               (b.doc_ids >= 0).sum().double(),  # on device: no host sync per micro-batch
+                               torch.tensor(float(sq), dtype=torch.float64).to(d.device, non_blocking=True)))
+    stats = sum(local[1:], local[0]).all_reduce()
+    if not stats.finite():
+        bad = [j for j, st in enumerate(local) if not st.finite()]
+        where = (f"rank {d.rank} micro-batch {bad[0]} conversations {micro[bad[0]].conversation_ids}" if bad
                  else f"another rank than {d.rank}")
-        raise FloatingPointError(f"non-finite loss at step {step} (epoch {micro[0]['epoch']}, micro-steps "
-                                 f"{[m['micro_step'] for m in micro]}): {where}; nothing was saved for this step")
+        raise FloatingPointError(f"non-finite loss at step {step} (epoch {micro[0].epoch}, micro-steps "
+                                 f"{[m.micro_step for m in micro]}): {where}; nothing was saved for this step")
     return stats
 
 
@@ -145,18 +139,18 @@ def validate(model, ds, val_idx: list[int], cfg: TrainConfig, d: World, sp: SPGr
     from stage3_train.ttt import ttt_forward
 
     k = cfg.ttt_steps
-    stats = torch.zeros(3 * k, dtype=torch.float64, device=d.device)
+    stats = StepStats.zeros(k, d.device)
     ones_k = torch.ones(k, device=d.device)
     rank, world = (d.rank, d.world_size) if sp is None else (sp.dp_rank, sp.dp_size)
     part = None if sp is None else (sp.rank, sp.size)
-    for raw in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=rank,
-                            world_size=world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows,
-                            hidden_part=part):
-        batch, shard = prepare_batch(raw, d, k, sp)
+    for mb in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=rank,
+                           world_size=world, pad_multiple=cfg.pad_multiple, max_rows=cfg.val_max_rows,
+                           hidden_part=part):
+        batch, shard = prepare_batch(mb, d, k, sp)
         out = ttt_forward(model, batch, ones_k, k, checkpoint=False, sp=shard)
-        stats += torch.cat([out.ce_sum.double(), out.correct.double(), out.valid.double()])
-    dist.all_reduce(stats)
-    return summarize(stats, k, cfg.step_decay)
+        zero = stats.tokens.new_zeros(())
+        stats = stats + StepStats(out.ce_sum.double(), out.correct.double(), out.valid.double(), zero, zero)
+    return stats.all_reduce().summarize(cfg.step_decay)
 
 
 def _peak_mem_gib(device: torch.device) -> float:
@@ -183,9 +177,12 @@ class Trainer:
                                                                  self.d.device)
         self.meta = run_meta(self.draft_cfg, target_cfg, self.layer_ids, target)
         self.ac = parallelize(self.model, mesh=self.d.fsdp_mesh, param_dtype=cfg.param_dtype,
-                              activation_checkpointing=cfg.activation_checkpointing)
+                              activation_checkpointing=cfg.activation_checkpointing,
+                              tokens_per_micro_batch=cfg.max_tokens * cfg.batch_rows // cfg.sequence_parallel,
+                              ttt_steps=cfg.ttt_steps)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                           fused=self.d.device.type == "cuda")  # one kernel per step on GPUs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         # sequence parallelism: ranks of one SP group share rows (the loader sees the dp axis only)
@@ -227,15 +224,15 @@ class Trainer:
                                  self.cfg.keep_ckpts)
         self.log(f"checkpoint {folder}")
 
-    def _log_train(self, acc_stats: torch.Tensor, t0: float, t_run: float, done: int, grad_norm: float) -> None:
+    def _log_train(self, window: StepStats, t0: float, t_run: float, done: int, grad_norm: float) -> None:
         from stage3_train.model import num_flops_per_token
 
-        cfg, k = self.cfg, self.cfg.ttt_steps
-        m = summarize(acc_stats, k, cfg.step_decay)
+        cfg = self.cfg
+        m = window.summarize(cfg.step_decay)
         elapsed = time.perf_counter() - t0
-        tokens, sq = float(acc_stats[3 * k]), float(acc_stats[3 * k + 1])
+        tokens, sq = float(window.tokens), float(window.sq_tokens)
         m["tokens_per_s"] = tokens / elapsed
-        flops = num_flops_per_token(self.draft_cfg, k, int(sq / max(tokens, 1.0)))
+        flops = num_flops_per_token(self.draft_cfg, cfg.ttt_steps, int(sq / max(tokens, 1.0)))
         m["mfu"] = m["tokens_per_s"] / self.d.world_size * flops / self.peak if self.peak else None
         m["lr"] = self.scheduler.get_last_lr()[0]
         m["grad_norm"] = grad_norm
@@ -252,12 +249,32 @@ class Trainer:
         self.log(f"val  step {self.step:>6} | loss {m['loss']:.4f} | acc {acc} | accept {m['accept_len']:.2f}")
         self.metrics.log("val", self.step, {key: v for key, v in m.items() if key != "valid"})
 
+    def open_batches(self) -> Prefetcher:
+        """Start the background collation of this rank's micro-batches (`train_step` reads from it)."""
+        self.batches = Prefetcher(self.loader, pin_memory=self.d.device.type == "cuda")
+        return self.batches
+
+    def train_step(self) -> tuple[StepStats, float]:
+        """One optimizer step, the loop's whole body: grad_accum micro-batches forward + backward, gradient
+        clipping, AdamW step, LR-schedule step. Returns the step's global StepStats and the gradient norm.
+        benchmarks/bench_stage3.py times exactly this method."""
+        cfg = self.cfg
+        micro = [next(self.batches) for _ in range(cfg.grad_accum)]
+        stats = forward_backward(self.model, micro, k=cfg.ttt_steps, decay=cfg.step_decay, ac=self.ac,
+                                 step=self.step + 1, d=self.d, sp=self.sp)
+        grad_norm = _clip(self.model, cfg.grad_clip, self.step + 1)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return stats, grad_norm
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.log(f"{len(self.ds)} conversations ({len(self.val_idx)} held out), world {self.d.world_size} "
                  f"(sequence parallel {cfg.sequence_parallel}), "
                  f"{self.loader.steps_per_epoch() // cfg.grad_accum} steps/epoch, from step {self.step} to {cfg.steps}")
-        self.batches = Prefetcher(self.loader, pin_memory=self.d.device.type == "cuda")
+        self.open_batches()
         try:
             self._loop()
         except BaseException:
@@ -268,22 +285,16 @@ class Trainer:
         return self.finish()
 
     def _loop(self) -> None:
-        cfg, k = self.cfg, self.cfg.ttt_steps
-        window = torch.zeros(3 * k + 2, dtype=torch.float64, device=self.d.device)
+        cfg = self.cfg
+        window = StepStats.zeros(cfg.ttt_steps, self.d.device)
         t0 = t_run = time.perf_counter()
         start, last_val = self.step, None
         while self.step < cfg.steps:
-            micro = [next(self.batches) for _ in range(cfg.grad_accum)]
-            window += train_step(self.model, micro, k=k, decay=cfg.step_decay, ac=self.ac, step=self.step + 1,
-                                 d=self.d, sp=self.sp)
-            grad_norm = _clip(self.model, cfg.grad_clip, self.step + 1)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            stats, grad_norm = self.train_step()
+            window = window + stats
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self._log_train(window, t0, t_run, self.step - start, grad_norm)
-                window.zero_()
+                window = StepStats.zeros(cfg.ttt_steps, self.d.device)
                 t0 = time.perf_counter()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._eval()

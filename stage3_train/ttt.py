@@ -27,8 +27,11 @@ own earlier guesses.
 RoPE positions (a documented choice): step i uses position_ids + i. vLLM's EAGLE proposer and SGLang's draft worker
 both do `positions += 1` per draft step, so the query and key of the (i+1)-th guess sit at position p+i, while the
 context keys keep their own positions; training with the same offsets gives the same relative distances as
-serving (t+i-s to context key s, i-j to the guess of step j). SpecForge and the EAGLE reference reuse step 0's
-positions for every step; `shift_positions=False` reproduces that.
+serving (t+i-s to context key s, i-j to the guess of step j). SpecForge trains the same way: its draft attention
+rotates step i's query and key at `position_ids + lck`, lck = the number of TTT steps already cached = i
+(specforge/modeling/draft/llama3_eagle.py, LlamaAttention.forward), as the EAGLE reference it derives from does.
+`shift_positions=False` (every step at step 0's positions) reproduces no reference and no engine; it is an
+ablation only.
 
 Loss = sum_i step_weights[i] * sum_t CE_i(t) over valid positions (the trainer passes
 step_weights[i] = 0.8**i / all_reduce(valid_i)); accuracy counts argmax == label over valid positions.

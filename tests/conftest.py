@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.fixtures.vllm_server", "tests.fixtures.stage3", "tests.fixtures.eval"]  # per-area fixture modules under tests/fixtures/
+pytest_plugins = ["tests.fixtures.vllm_server", "tests.fixtures.stage3", "tests.fixtures.eval", "tests.fixtures.served", "tests.fixtures.transformers_server"]  # per-area fixture modules under tests/fixtures/
 
 
 def pytest_collection_modifyitems(config, items):

@@ -115,7 +115,7 @@ def test_cached_draft_matches_ttt_forward(smollm2_dir):
         got = [drafter.last_logits_V]
         h = drafter.last_hidden_H[None]
         for j in range(1, k):
-            R = drafter.keys_RkD.shape[0]
+            R = len(drafter.cache)
             h, logits = drafter.step(h, ids[T + j:T + j + 1], torch.tensor([T - 1 + j]),
                                      torch.ones(1, R + 1, dtype=torch.bool), project=False)
             got.append(logits[0])

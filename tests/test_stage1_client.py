@@ -17,11 +17,17 @@ OK_BODY = {
                  "finish_reason": "stop", "token_ids": [7, 8]}],
     "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
 }
+# what `transformers serve` answers: no token ids anywhere, the count only in usage
+TEXT_BODY = {
+    "id": "y", "object": "chat.completion", "model": "/m@main",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34},
+}
 
 
 def serve(script: list[str]):
     """A real HTTP server on 127.0.0.1 answering the i-th POST per ``script[i]`` (the last entry repeats):
-    "ok", "503", "429", "400", or "drop" (close the connection without answering)."""
+    "ok", "text" (a body without token ids), "503", "429", "400", or "drop" (close the connection without answering)."""
     seen: list[dict] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -37,6 +43,8 @@ def serve(script: list[str]):
                 return
             if action == "ok":
                 status, payload = 200, OK_BODY
+            elif action == "text":
+                status, payload = 200, TEXT_BODY
             else:
                 status = int(action)
                 payload = {"error": {"message": f"server says {status}", "type": "BadRequestError", "code": status}}
@@ -115,3 +123,16 @@ def test_round_robin_fails_over_to_a_live_server(monkeypatch):
         live.shutdown()
     assert result.message["content"] == "hello" and retries == 1
     assert len(dead_seen) == 1 and len(live_seen) == 1 and live_seen[0]["auth"] == "Bearer secret-key"
+
+
+def test_text_only_server_gets_no_return_token_ids_and_yields_text():
+    """engine=transformers: `transformers serve` rejects unknown fields (HTTP 422), so the field is not sent;
+    the answer has no token ids (stage 2 re-tokenises) and the token count comes from usage."""
+    server, url, seen = serve(["text"])
+    try:
+        result, retries = _chat([url], max_retries=0, return_token_ids=False)
+    finally:
+        server.shutdown()
+    assert "return_token_ids" not in seen[0]["body"] and retries == 0
+    assert result.message == {"role": "assistant", "content": "hi there", "finish_reason": "length"}
+    assert result.num_completion_tokens == 4

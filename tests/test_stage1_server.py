@@ -178,3 +178,104 @@ def test_ctrl_c_leaves_no_server_process(smollm2_dir, tmp_path):
         assert time.monotonic() < deadline, f"process group {pgid} still exists: {_pgid_members(pgid)}"
         time.sleep(0.5)
     assert not (out / "manifest.json").exists() and _rows_on_disk(out) >= 1  # left for sample.resume
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The launcher itself (common.server.ServerProcess), engine-agnostic and fast: a stand-in server that starts a child
+# in its own process group (like vLLM's engine processes) and serves /health, fails at start-up, or never answers.
+
+FAKE_SERVER = r'''
+import http.server, os, signal, subprocess, sys, time
+mode, port = sys.argv[1], int(sys.argv[2])
+# a child that ignores SIGTERM: only the SIGKILL of the whole group removes it
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print("fake server starting", flush=True)
+if mode == "fail":
+    print("boom: no such model", flush=True)
+    sys.exit(3)
+if mode == "hang":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _fake(tmp_path: Path, mode: str, **kw):
+    from common.server import ServerProcess, free_port
+
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    port = free_port()
+    return ServerProcess([sys.executable, str(script), mode, str(port)], port=port, name="fake",
+                         log_file=tmp_path / "server.log", **kw)
+
+
+def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _pgid_members(pgid):
+        assert time.monotonic() < deadline, f"process group {pgid} still has {_pgid_members(pgid)}"
+        time.sleep(0.1)
+
+
+def test_launcher_success_stops_the_whole_group(tmp_path):
+    with _fake(tmp_path, "ok", startup_timeout=60, stop_timeout=2) as server:
+        pgid = server.proc.pid
+        deadline = time.monotonic() + 10
+        while len(_pgid_members(pgid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_pgid_members(pgid)) == 2  # the server and its child
+    assert server.proc is None
+    _wait_group_gone(pgid)
+    assert "fake server starting" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize("mode,error,match", [("fail", RuntimeError, r"fake exited with code 3"),
+                                              ("hang", TimeoutError, r"fake not healthy after")])
+def test_launcher_failure_shows_the_log_tail_and_leaves_nothing(tmp_path, mode, error, match):
+    server = _fake(tmp_path, mode, startup_timeout=3, stop_timeout=1)
+    with pytest.raises(error, match=match) as info:
+        with server:
+            pass
+    assert "fake server starting" in str(info.value)  # the server's log tail
+    assert mode != "fail" or "boom: no such model" in str(info.value)
+    log_text = (tmp_path / "server.log").read_text()
+    assert "fake server starting" in log_text
+    assert server.proc is None and server.pid
+    _wait_group_gone(server.pid)  # the SIGTERM-ignoring child (and, for "hang", the server) got the SIGKILL
+
+
+def test_launcher_ctrl_c_stops_the_whole_group(tmp_path):
+    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    parent = tmp_path / "parent.py"
+    parent.write_text(f'''
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from common.server import ServerProcess, free_port
+port = free_port()
+with ServerProcess([sys.executable, {str(tmp_path / "fake_server.py")!r}, "ok", str(port)], port=port, name="fake",
+                   log_file={str(tmp_path / "server.log")!r}, startup_timeout=60, stop_timeout=2) as server:
+    print("PGID", server.proc.pid, flush=True)
+    time.sleep(600)
+''')
+    proc = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    line = proc.stdout.readline()
+    assert line.startswith("PGID"), line + proc.stdout.read()
+    pgid = int(line.split()[1])
+    deadline = time.monotonic() + 10
+    while len(_pgid_members(pgid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_pgid_members(pgid)) == 2
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0 and "KeyboardInterrupt" in out
+    _wait_group_gone(pgid)

@@ -70,3 +70,25 @@ def test_recovery_after_a_crash_mid_line(tmp_path):
     assert [s["rows"] for s in manifest["shards"]] == [3, 2, 3]
     ids = [c.id for c in load_conversations(tmp_path)]
     assert sorted(ids) == sorted(f"c{i}" for i in range(8)) and len(ids) == len(set(ids))
+
+
+def _text_row(i: int) -> dict:
+    """A row from a server that returns no token ids (`transformers serve`)."""
+    return {"id": f"t{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                       {"role": "assistant", "content": f"a{i}", "finish_reason": "stop"}]}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_manifest_counts_rows_with_and_without_server_ids_across_resume(tmp_path, fmt):
+    writer = ShardWriter(tmp_path, fmt, rows_per_shard=2)
+    for i in range(3):
+        writer.write(_row(i))
+    writer.write(_text_row(0))
+    writer.write(_text_row(1))
+    writer.close()  # interrupted: the 5th row sits in a partial shard
+    again = ShardWriter(tmp_path, fmt, rows_per_shard=2, resume=True)
+    assert again.token_ids == {"with_server_ids": 3, "without_server_ids": 2}
+    again.write(_text_row(2))
+    manifest = _finish(again, 6)
+    assert manifest["token_ids"] == {"with_server_ids": 3, "without_server_ids": 3}
+    assert sum(manifest["token_ids"].values()) == manifest["num_rows"] == 6

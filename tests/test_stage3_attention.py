@@ -63,3 +63,45 @@ def test_segments_from_doc_ids_and_errors():
         ttt_attention(q, [torch.randn(4, 3, 8)], [torch.randn(4, 3, 8)], Segments.from_bounds([0, 4]))
     with pytest.raises(ValueError):
         Segments.from_bounds([0, 3, 3])
+
+
+def _gqa_inputs():
+    q = torch.randn(6, 4, 8)
+    k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    return q, k, v, Segments.from_bounds((0, 6)).causal_block()
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+def test_flash_fallback_never_triggers_on_oom_or_other_errors(monkeypatch, error):
+    """The varlen path (the CUDA kernel stood in by a CPU fake): OOM and foreign errors propagate, native GQA
+    stays on (expanding K/V would need MORE memory)."""
+    from stage3_train import attention
+
+    def kernel(*args, **kw):
+        raise error
+
+    monkeypatch.setattr(attention, "_flash_kernels", lambda: (kernel, None))
+    monkeypatch.setitem(attention._FLASH, "native_gqa", True)
+    q, k, v, blk = _gqa_inputs()
+    with pytest.raises(type(error)):
+        attention._varlen_forward(q, k, v, blk, 0.35)
+    assert attention._FLASH["native_gqa"] is True
+
+
+def test_flash_fallback_expands_kv_when_the_kernel_refuses_gqa(monkeypatch):
+    from stage3_train import attention
+
+    seen_kv_heads = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, ret, scale):
+        seen_kv_heads.append(k.shape[1])
+        if k.shape[1] != q.shape[1]:
+            raise RuntimeError("Number of heads in key/value must equal the number of heads in query")
+        return torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0]), None, None, None
+
+    monkeypatch.setattr(attention, "_flash_kernels", lambda: (kernel, None))
+    monkeypatch.setitem(attention._FLASH, "native_gqa", True)
+    q, k, v, blk = _gqa_inputs()
+    out, lse, (_, _, expand) = attention._varlen_forward(q, k, v, blk, 0.35)
+    assert seen_kv_heads == [2, 4] and expand and attention._FLASH["native_gqa"] is False

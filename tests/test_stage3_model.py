@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from stage3_train.attention import Segments
-from stage3_train.model import DraftConfig, Eagle3Draft, load_target_embeddings, rope_parameters_of
+from stage3_train.model import DraftConfig, Eagle3Draft, rope_parameters_of
+from stage3_train.target_embeddings import load_target_embeddings
 
 LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
               "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
@@ -145,3 +146,92 @@ def test_mlp_token_chunks_same_result(monkeypatch):
     g = torch.autograd.grad(y.square().sum(), x)[0]
     torch.testing.assert_close(y, y_full)
     torch.testing.assert_close(g, g_full)
+
+
+def _perturbed_draft(target_cfg, seed=0):
+    torch.manual_seed(seed)
+    model = Eagle3Draft(DraftConfig.from_target_config(target_cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_partial_rotary_factor_config():
+    """v4 top-level partial_rotary_factor (as the export writes it) or v5 inside rope_parameters: same DraftConfig."""
+    v4 = DraftConfig.from_target_config({**TINY, "partial_rotary_factor": 0.5})
+    v5 = DraftConfig.from_target_config({**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                     "partial_rotary_factor": 0.5}})
+    assert v4.rope_parameters == v5.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.5}
+    assert (v4.rotary_dim, v4.head_dim) == (4, 8) and DraftConfig.from_target_config(TINY).rotary_dim == 8
+    with pytest.raises(ValueError):
+        DraftConfig.from_target_config({**TINY, "partial_rotary_factor": 0.375})  # 3 dims: odd
+
+
+def test_partial_rotary_matches_hf_reference():
+    """partial_rotary_factor=0.5: RoPE on the first half of each head only, the rest passed through, both in the
+    training step and in a decoding step over a KV cache = the layer written out with HF's apply_rotary_pos_emb on
+    the rotated part (as HF's partial-rotary models and vLLM's rotary_dim do)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = _perturbed_draft({**TINY, "partial_rotary_factor": 0.5})
+    m, a, N, r = model.midlayer, model.midlayer.self_attn, 7, 4
+    target, ids, pos = torch.randn(N, 96), torch.randint(0, 40, (N,)), torch.arange(N) + 5
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    with torch.no_grad():
+        step = model(target, ids, pos, Segments.from_bounds([0, N]), project=True)
+        dec = model(target, ids, pos, None, project=True, kv_cache=model.new_kv_cache(capacity=2), attn_mask=causal)
+        g = model.fc(target)
+        x = torch.cat([m.input_layernorm(model.embed_tokens(ids)), m.hidden_norm(g)], -1)
+        q = a.q_proj(x).view(1, N, 4, 8).transpose(1, 2)
+        k = a.k_proj(x).view(1, N, 2, 8).transpose(1, 2)
+        v = a.v_proj(x).view(1, N, 2, 8).transpose(1, 2)
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, r, 2).float() / r)   # frequencies over the rotated dims only
+        freqs = torch.cat([pos[None, :, None].float() * inv_freq] * 2, -1)
+        q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], freqs.cos(), freqs.sin())
+        q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        res = a.o_proj(o.transpose(1, 2).reshape(N, 32)) + g
+        h = m.mlp(m.post_attention_layernorm(res)) + res
+    torch.testing.assert_close(step.k.transpose(0, 1)[None], k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step.hidden, h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dec.k, step.k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dec.hidden, h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dec.normed, step.normed, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_with_kv_cache_equals_training_step():
+    """The decoding path (KV cache + mask) is the training forward: prefill in two appends with a causal mask =
+    TTT step 0; a truncated-and-replaced row equals what a fresh cache computes for it."""
+    model = _perturbed_draft(TINY, seed=3)
+    N = 9
+    target, ids, pos = torch.randn(N, 96), torch.randint(0, 40, (N,)), torch.arange(N)
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    with torch.no_grad():
+        step = model(target, ids, pos, Segments.from_bounds([0, N]), project=True)
+        kv = model.new_kv_cache(capacity=1)          # grows on the way
+        a = model(target[:5], ids[:5], pos[:5], None, project=True, kv_cache=kv, attn_mask=causal[:5, :5])
+        model(target[5:7], ids[5:7], pos[5:7], None, project=True, kv_cache=kv, attn_mask=causal[5:7, :7])
+        kv.truncate(5)                              # drop rows 5, 6 and redo them with the rest
+        b = model(target[5:], ids[5:], pos[5:], None, project=True, kv_cache=kv, attn_mask=causal[5:])
+        with pytest.raises(ValueError):
+            model(target[:1], ids[:1], pos[:1], None, project=True, kv_cache=kv, attn_mask=causal[:1, :1])
+    assert len(kv) == N
+    torch.testing.assert_close(torch.cat([a.hidden, b.hidden]), step.hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kv.read()[0], step.k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kv.read()[1], step.v, rtol=1e-5, atol=1e-6)
+
+
+def test_kv_cache_append_truncate_read():
+    from stage3_train.kv_cache import KVCache
+
+    kv = KVCache(2, 3, capacity=2)
+    rows = torch.arange(5 * 6, dtype=torch.float32).view(5, 2, 3)
+    kv.append(rows[:3], -rows[:3])            # past the capacity: grows, keeps nothing lost
+    kv.truncate(1)
+    kv.append(rows[3:], -rows[3:])
+    k, v = kv.read()
+    assert len(kv) == 3 and torch.equal(k, rows[[0, 3, 4]]) and torch.equal(v, -rows[[0, 3, 4]])
+    with pytest.raises(ValueError):
+        kv.truncate(4)

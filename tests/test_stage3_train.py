@@ -11,8 +11,8 @@ import torch
 from stage3_train.checkpoint import MARKER, step_dirs
 from stage3_train.config import TrainConfig
 from stage3_train.data import check_manifest
-from stage3_train.metrics import acceptance_length
-from stage3_train.train import lr_factor, run, summarize
+from stage3_train.metrics import StepStats, acceptance_length
+from stage3_train.train import lr_factor, run
 from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target, tiny_rows
 
 
@@ -33,9 +33,15 @@ def test_schedule_and_acceptance_formula():
     assert lr_factor(10, 2, 10, 0.1) == pytest.approx(0.1) and 0.1 < lr_factor(6, 2, 10, 0.1) < 1.0
     assert acceptance_length([0.8, 0.7]) == pytest.approx(1 + 0.8 + 0.8 * 0.7)
     assert acceptance_length([0.0, 1.0]) == 1.0 and acceptance_length([1.0] * 3) == 4.0
-    # stats = [ce(k), correct(k), valid(k)]: loss = sum_i 0.8^i ce_i / valid_i
-    m = summarize(torch.tensor([4.0, 6.0, 3.0, 1.0, 4.0, 2.0], dtype=torch.float64), 2, 0.8)
+    # loss = sum_i 0.8^i ce_i / valid_i
+    f64 = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    stats = StepStats(ce_sum=f64(4.0, 6.0), correct=f64(3.0, 1.0), valid=f64(4.0, 2.0), tokens=f64(10.0)[0],
+                      sq_tokens=f64(50.0)[0])
+    m = stats.summarize(0.8)
     assert m["loss"] == pytest.approx(4 / 4 + 0.8 * 6 / 2) and m["acc"] == [0.75, 0.5]
+    # one flat tensor across ranks; sums of micro-batches add field by field
+    assert (stats + stats).flat().tolist() == [8.0, 12.0, 6.0, 2.0, 8.0, 4.0, 20.0, 100.0]
+    assert StepStats.from_flat(stats.flat(), 2).summarize(0.8) == m
 
 
 def test_manifest_mismatch_is_refused():
@@ -117,3 +123,24 @@ def test_nan_loss_stops_naming_step_and_batch(tmp_path, tiny_stage3):
     saved = step_dirs(out / "checkpoints", complete_only=False)
     assert all((p / MARKER).is_file() for _, p in saved)
     assert [s for s, _ in saved] == list(range(1, bad_step))  # every good step saved, nothing for the bad one
+
+
+def test_auto_activation_checkpointing_decides_from_what_fits():
+    from stage3_train.model import MLP_CHUNK_TOKENS, DraftConfig
+    from stage3_train.parallelize import activation_bytes_per_token, needs_recompute
+
+    llama = DraftConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                        intermediate_size=14336, vocab_size=128256, draft_vocab_size=32000, target_hidden_size=4096)
+    # 2 * (8*4096 + 2*4096 + 2*1024 + 3*14336) + 4*32 bytes per token per TTT step
+    assert activation_bytes_per_token(llama) == 172_160
+    h200_free, h100_free, states = 139 * 2**30, 78 * 2**30, 12 * 425_000_000  # fp32 grads + AdamW moments
+    kw = dict(ttt_steps=7, state_bytes=states, mlp_chunk_tokens=MLP_CHUNK_TOKENS)
+    assert not needs_recompute(llama, tokens=32768, free_bytes=h200_free, **kw)  # a 32K row trains without
+    assert needs_recompute(llama, tokens=32768, free_bytes=24 * 2**30, **kw)     # ... not on a 24 GB card
+    assert not needs_recompute(llama, tokens=16384, free_bytes=h100_free, **kw)
+    assert needs_recompute(llama, tokens=262144, free_bytes=h200_free, **kw)
+    # CPU (no free-memory figure): off for short rows, on for long ones
+    assert not needs_recompute(llama, tokens=2048, free_bytes=None, ttt_steps=7)
+    assert needs_recompute(llama, tokens=65536, free_bytes=None, ttt_steps=7)
+    with pytest.raises(ValueError, match="true, false or auto"):
+        TrainConfig(activation_checkpointing="sometimes")

@@ -19,13 +19,16 @@ def test_pack_first_fit_truncates_and_skips():
 def test_collate_positions_docs_padding():
     src = MemoryRows.random(n=3, lengths=[3, 2, 5], width=4, seed=0)
     batch = collate(src, [[Segment(0, 3), Segment(1, 2)], [Segment(2, 4)]], pad_multiple=4)
-    assert batch["input_ids"].shape == (2, 8) and batch["hidden"].shape == (2, 8, 4)
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 0, 0]
-    assert batch["doc_ids"][0].tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
-    assert batch["doc_ids"][1].tolist() == [0, 0, 0, 0, -1, -1, -1, -1]
-    torch.testing.assert_close(batch["hidden"][0, 3:5], src[1]["hidden"])
-    torch.testing.assert_close(batch["target_ids"][1, :4], src[2]["target_ids"][:4].long())  # truncated
-    assert not batch["loss_mask"][:, 5:].any() and batch["ids"] == [["row-0", "row-1"], ["row-2"]]
+    assert batch.input_ids.shape == (2, 8) and batch.hidden.shape == (2, 8, 4)
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 0, 1, 0, 0, 0]
+    assert batch.doc_ids[0].tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
+    assert batch.doc_ids[1].tolist() == [0, 0, 0, 0, -1, -1, -1, -1]
+    torch.testing.assert_close(batch.hidden[0, 3:5], src[1]["hidden"])
+    torch.testing.assert_close(batch.target_ids[1, :4], src[2]["target_ids"][:4].long())  # truncated
+    assert not batch.loss_mask[:, 5:].any() and batch.conversation_ids == [["row-0", "row-1"], ["row-2"]]
+    assert batch.sq_tokens == 3 * 3 + 2 * 2 + 4 * 4
+    moved = batch.to("cpu")  # every tensor moved, the bookkeeping carried along
+    assert moved.conversation_ids == batch.conversation_ids and moved.hidden.shape == batch.hidden.shape
 
 
 def test_rank_strided_equals_single_process_global_batch():
@@ -34,8 +37,8 @@ def test_rank_strided_equals_single_process_global_batch():
     one = PackedLoader(src, range(40), batch_rows=2, rank=0, world_size=1, **kw)
     two = [PackedLoader(src, range(40), batch_rows=1, rank=r, world_size=2, **kw) for r in range(2)]
     for _ in range(2 * one.steps_per_epoch() + 1):  # crosses an epoch boundary
-        b1 = next(one)["ids"]
-        b2 = [next(two[r])["ids"][0] for r in range(2)]
+        b1 = next(one).conversation_ids
+        b2 = [next(two[r]).conversation_ids[0] for r in range(2)]
         assert b1 == b2
 
 
@@ -44,8 +47,8 @@ def test_epochs_reshuffle_and_cover_everything():
     loader = PackedLoader(src, range(30), max_tokens=8, batch_rows=1, rank=0, world_size=1, seed=0, pad_multiple=8)
     n = loader.steps_per_epoch()
     assert n == 15
-    e0 = [tuple(next(loader)["ids"][0]) for _ in range(n)]
-    e1 = [tuple(next(loader)["ids"][0]) for _ in range(n)]
+    e0 = [tuple(next(loader).conversation_ids[0]) for _ in range(n)]
+    e1 = [tuple(next(loader).conversation_ids[0]) for _ in range(n)]
     assert loader.epoch == 1 and e0 != e1
     assert sorted(i for r in e0 for i in r) == sorted(f"row-{i}" for i in range(30))
 
@@ -55,7 +58,7 @@ def test_state_dict_resumes_exactly_and_across_world_sizes():
     kw = dict(max_tokens=20, seed=7, pad_multiple=4)
     ref = PackedLoader(src, range(100), batch_rows=1, rank=0, world_size=1, **kw)
     assert ref.steps_per_epoch() >= 30
-    seq = [next(ref)["ids"] for _ in range(30)]
+    seq = [next(ref).conversation_ids for _ in range(30)]
     a = PackedLoader(src, range(100), batch_rows=1, rank=0, world_size=1, **kw)
     for _ in range(12):
         next(a)
@@ -63,12 +66,12 @@ def test_state_dict_resumes_exactly_and_across_world_sizes():
     assert sd["version"] == 1 and sd["world_size"] == 1 and sd["micro_step"] == 12
     b = PackedLoader(src, range(100), batch_rows=1, rank=0, world_size=1, **kw)
     b.load_state_dict(sd)
-    assert [next(b)["ids"] for _ in range(18)] == seq[12:]
+    assert [next(b).conversation_ids for _ in range(18)] == seq[12:]
     # two ranks resume at the same global row: micro-batch m of rank r is global row 12 + 2m + r
     two = [PackedLoader(src, range(100), batch_rows=1, rank=r, world_size=2, **kw) for r in range(2)]
     for loader in two:
         loader.load_state_dict(sd)
-    assert [next(two[r])["ids"] for _ in range(4) for r in range(2)] == seq[12:20]
+    assert [next(two[r]).conversation_ids for _ in range(4) for r in range(2)] == seq[12:20]
     with pytest.raises(ValueError, match="do not split"):
         two[0].load_state_dict(dict(sd, micro_step=13))
     with pytest.raises(ValueError, match="seed"):
@@ -96,7 +99,7 @@ def test_eval_batches_cover_each_row_once_with_empty_padding():
         batches = list(eval_batches(src, range(5), max_tokens=6, batch_rows=1, rank=r, world_size=2,
                                     pad_multiple=2))
         assert len(batches) == 3  # ceil(5 / 2): rank 1's last batch is all padding
-        seen += [i for b in batches for row in b["ids"] for i in row]
+        seen += [i for b in batches for row in b.conversation_ids for i in row]
     assert sorted(seen) == [f"row-{i}" for i in range(5)]
 
 
@@ -113,10 +116,10 @@ def test_prefetcher_hands_out_the_loader_sequence_with_consumer_state():
     src = MemoryRows.random(n=30, lengths=[5 + i % 7 for i in range(30)], width=2, seed=6)
     kw = dict(max_tokens=16, batch_rows=1, rank=0, world_size=1, seed=1, pad_multiple=4)
     ref = PackedLoader(src, range(30), **kw)
-    expected = [(next(ref)["ids"], ref.state_dict()) for _ in range(12)]
+    expected = [(next(ref).conversation_ids, ref.state_dict()) for _ in range(12)]
     pre = Prefetcher(PackedLoader(src, range(30), **kw), depth=3)
     for ids, state in expected:
-        assert next(pre)["ids"] == ids
+        assert next(pre).conversation_ids == ids
         assert pre.state_dict() == state  # not the state of batches still queued
     pre.close()
     assert not pre._thread.is_alive()
