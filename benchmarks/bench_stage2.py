@@ -46,19 +46,27 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_atte
 def build_model(shape: dict, device: str, dtype: torch.dtype):
     """Random-weight Llama built on the meta device and materialised in place (no fp32 copy, seconds)."""
     cfg = LlamaConfig(**shape, tie_word_embeddings=False)
+    return materialise_random(LlamaForCausalLM, cfg, device, dtype), cfg
+
+
+def materialise_random(model_cls, cfg, device: str, dtype: torch.dtype):
+    """`model_cls(cfg)` on the meta device, materialised on `device` with N(0, 0.02) weights, unit norms, zero
+    biases, and stage 2's packed attention (`prepare_model`)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(dtype)
+        model = model_cls(cfg).to(dtype)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
         with torch.device(device):  # recompute inv_freq (to_empty left the buffers uninitialised)
             model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
-    return prepare_model(model), cfg
+    return prepare_model(model)
 
 
 def matmul_tflops(device: str, n: int = 8192, reps: int = 20) -> float:

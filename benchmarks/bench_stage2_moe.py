@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from transformers import GptOssConfig, GptOssForCausalLM  # noqa: E402
 
-from bench_stage2 import make_rows, matmul_tflops, timed_pass  # noqa: E402
+from bench_stage2 import make_rows, materialise_random, matmul_tflops, timed_pass  # noqa: E402
 from common.target import default_aux_layer_ids  # noqa: E402
-from stage2_hidden.capture import PACKED_ATTN, HiddenCapture, prepare_model  # noqa: E402
+from stage2_hidden.capture import PACKED_ATTN, HiddenCapture  # noqa: E402
 
 GPT_OSS_20B = dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
                    num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
@@ -63,21 +63,7 @@ TINY = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=8, num_atten
 def build_model(shape: dict, device: str, dtype: torch.dtype):
     """Random-weight gpt-oss on the meta device, materialised in place (no fp32 copy)."""
     cfg = GptOssConfig(**shape, tie_word_embeddings=False, attn_implementation="eager")
-    with torch.device("meta"):
-        model = GptOssForCausalLM(cfg).to(dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        with torch.device(device):  # recompute inv_freq (to_empty left the buffers uninitialised)
-            model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
-    return prepare_model(model), cfg
+    return materialise_random(GptOssForCausalLM, cfg, device, dtype), cfg
 
 
 def active_params(model, cfg) -> int:

@@ -48,21 +48,10 @@ class World:
     mesh: object                # DeviceMesh ("dp", "sp")
     owns_group: bool            # this process created the group (so close() destroys it)
 
-    @property
-    def sp_size(self) -> int:
-        return self.mesh["sp"].size()
-
-    @property
-    def sp_rank(self) -> int:
-        return self.mesh["sp"].get_local_rank()
-
-    @property
-    def dp_size(self) -> int:
-        return self.mesh["dp"].size()
-
-    @property
-    def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank()
+    def __post_init__(self) -> None:
+        sp, dp = self.mesh["sp"], self.mesh["dp"]
+        self.sp_size, self.sp_rank = sp.size(), sp.get_local_rank()
+        self.dp_size, self.dp_rank = dp.size(), dp.get_local_rank()
 
     @property
     def fsdp_mesh(self):

@@ -103,3 +103,17 @@ def plain_or_hydra(argv: list[str] | None, config_cls: type, run: Callable[[Any]
 
     sys.argv = [sys.argv[0], *argv]
     hydra_entry(config_name, from_resolved)()
+
+
+def dataclass_command(config_cls: type, run: Callable[[Any], Any], config_name: str, section: str, module: str):
+    """(plain_args, main) of a command whose config is a dataclass: `plain_args(argv)` parses `--field value`,
+    `main(argv=None)` is `plain_or_hydra` (the evaluation commands: they also run on machines without Hydra)."""
+    prog = f"python -m {module} --plain"
+
+    def plain_args(argv: list[str]) -> Any:
+        return plain_config(config_cls, argv, prog)
+
+    def main(argv: list[str] | None = None) -> None:
+        plain_or_hydra(argv, config_cls, run, config_name, section, prog)
+
+    return plain_args, main

@@ -30,20 +30,7 @@ def fsync_file(path: str | Path) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (parents created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return atomic_save_file(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -55,7 +42,8 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Pat
 
 
 def atomic_save_file(path: str | Path, save: Any) -> Path:
-    """Atomic write through a writer that takes a file name (`save(tmp_name)`: safetensors, matplotlib, ...)."""
+    """Atomic write through a writer that takes a file name (`save(tmp_name)`: safetensors, matplotlib, bytes):
+    temp file beside `path`, fsync, rename, fsync of the folder; the temp file is removed on any error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}.", suffix=path.suffix)

@@ -121,27 +121,15 @@ def transformers_command(
     return cmd + [str(a) for a in (extra_args or [])]
 
 
-def server_command(
-    engine: str,
-    model: str,
-    served_name: str,
-    port: int,
-    *,
-    host: str = "127.0.0.1",
-    dtype: str = "bfloat16",
-    max_model_len: int | None = 4096,
-    trust_remote_code: bool = False,
-    extra_args: list[str] | None = None,
-    cb: dict[str, Any] | None = None,
-    gpu: bool | None = None,
-) -> list[str]:
-    """The command line of ``engine`` serving ``model`` (``cb``: ``transformers_command``'s ``cb_*`` bounds)."""
+def server_command(engine: str, model: str, served_name: str, port: int, *, max_model_len: int | None = 4096,
+                   cb: dict[str, Any] | None = None, **common: Any) -> list[str]:
+    """The command line of ``engine`` serving ``model``. ``common``: host, dtype, trust_remote_code, extra_args,
+    gpu (both builders take them); ``max_model_len`` is vLLM's, ``cb`` the ``cb_*`` bounds of
+    ``transformers_command``."""
     if engine == "vllm":
-        return vllm_command(model, served_name, port, host=host, dtype=dtype, max_model_len=max_model_len,
-                            trust_remote_code=trust_remote_code, extra_args=extra_args, gpu=gpu)
+        return vllm_command(model, served_name, port, max_model_len=max_model_len, **common)
     if engine == "transformers":
-        return transformers_command(model, port, host=host, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    extra_args=extra_args, gpu=gpu, **(cb or {}))
+        return transformers_command(model, port, **common, **(cb or {}))
     raise ValueError(f"unknown server engine {engine!r}; known: {ENGINES}")
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.entry import plain_config, plain_or_hydra
+from common.entry import dataclass_command
 from common.files import atomic_write_json
 from common.logs import get_logger
 
@@ -190,14 +190,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def plain_args(argv: list[str]) -> EvalConfig:
-    """argparse CLI (machines without Hydra): every EvalConfig field as --field (lists space-separated)."""
-    return plain_config(EvalConfig, argv, "python -m evaluation.offline --plain")
-
-
-def main(argv: list[str] | None = None) -> None:
-    plain_or_hydra(argv, EvalConfig, run, "eval", "eval", "python -m evaluation.offline --plain")
-
+# argparse CLI (machines without Hydra: every EvalConfig field as --field) and the Hydra entry point
+plain_args, main = dataclass_command(EvalConfig, run, "eval", "eval", "evaluation.offline")
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from common.entry import plain_config, plain_or_hydra
+from common.entry import dataclass_command
 from common.files import atomic_write_json, atomic_write_text
 from common.logs import get_logger
 from common.server import VLLMServer, free_port, install_signal_handlers, vllm_command
@@ -259,14 +259,8 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     return report
 
 
-def plain_args(argv: list[str]) -> ServeBenchConfig:
-    """argparse CLI (no Hydra): every ServeBenchConfig field as --field (lists space-separated, dicts JSON)."""
-    return plain_config(ServeBenchConfig, argv, "python -m evaluation.serve --plain")
-
-
-def main(argv: list[str] | None = None) -> None:
-    plain_or_hydra(argv, ServeBenchConfig, run, "bench_serve", "bench", "python -m evaluation.serve --plain")
-
+# argparse CLI (machines without Hydra: every ServeBenchConfig field as --field) and the Hydra entry point
+plain_args, main = dataclass_command(ServeBenchConfig, run, "bench_serve", "bench", "evaluation.serve")
 
 if __name__ == "__main__":
     main()

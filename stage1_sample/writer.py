@@ -102,7 +102,7 @@ class ShardWriter:
 
     def _recover(self) -> None:
         """Collect done ids from final shards; finalise (or drop stale) partial shards left by a crash."""
-        for tmp in self.dir.glob("*.tmp"):
+        for tmp in [*self.dir.glob("*.tmp"), *self.dir.glob(".tmp-*")]:  # atomic writes cut by a crash
             tmp.unlink()
         for shard in self._final_shards():
             ids, with_ids = self._shard_ids(shard)

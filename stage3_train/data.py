@@ -110,16 +110,28 @@ class MicroBatch:
     position_ids: torch.Tensor  # [B, T] long, restarting at 0 per conversation
     loss_mask: torch.Tensor     # [B, T] bool
     doc_ids: torch.Tensor       # [B, T] long, -1 = padding
-    hidden: torch.Tensor        # [B, T or ceil(T/N), W]
+    hidden: torch.Tensor        # [B, T or ceil(T/N), W] bf16, or float8_e4m3fn for fp8 shards
     conversation_ids: list[list[str]]
     sq_tokens: int
     epoch: int = 0
     micro_step: int = 0
+    hidden_scale: torch.Tensor | None = None  # fp8 shards: fp32 [B, T or ceil(T/N), num_aux] (stage2_hidden.format)
 
-    TENSORS = ("input_ids", "target_ids", "position_ids", "loss_mask", "doc_ids", "hidden")
+    TENSORS = ("input_ids", "target_ids", "position_ids", "loss_mask", "doc_ids", "hidden", "hidden_scale")
 
     def _map(self, fn) -> "MicroBatch":
-        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in self.TENSORS})
+        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in self.TENSORS
+                                            if getattr(self, k) is not None})
+
+    def device_hidden(self, device: torch.device | str) -> torch.Tensor:
+        """`hidden` on `device` in bf16: fp8 shards travel as 1 byte per value and are dequantised there
+        (x = q * scale per token and aux layer), so host memory and the copy stay half the size."""
+        hidden = self.hidden.to(device, non_blocking=True)
+        if self.hidden_scale is None:
+            return hidden
+        from stage2_hidden.format import dequantize_fp8
+
+        return dequantize_fp8(hidden, self.hidden_scale.to(device, non_blocking=True))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -131,8 +143,9 @@ class MicroBatch:
         """The ttt.PackedBatch of whole rows on `device` (hidden stays in the shard dtype)."""
         from stage3_train.ttt import PackedBatch
 
-        keys = ("input_ids", "hidden", "target_ids", "loss_mask", "position_ids", "doc_ids")
-        return PackedBatch(**{k: getattr(self, k).to(device, non_blocking=True) for k in keys})
+        keys = ("input_ids", "target_ids", "loss_mask", "position_ids", "doc_ids")
+        return PackedBatch(**{k: getattr(self, k).to(device, non_blocking=True) for k in keys},
+                           hidden=self.device_hidden(device))
 
 
 def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: int,
@@ -152,7 +165,7 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
     ints = {k: torch.zeros(B, T, dtype=torch.long) for k in ("input_ids", "target_ids", "position_ids")}
     loss_mask = torch.zeros(B, T, dtype=torch.bool)
     doc_ids = torch.full((B, T), -1, dtype=torch.long)
-    hidden_BLW = None
+    hidden_BLW = scale_BLn = None
     ids: list[list[str]] = []
     sq_tokens = 0  # sum of squared conversation lengths: attention FLOPs for MFU
     for b, row in enumerate(rows):
@@ -169,17 +182,23 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
             h_TW = item["hidden"][:n]
             if hidden_BLW is None:
                 hidden_BLW = torch.zeros(B, L, h_TW.shape[-1], dtype=h_TW.dtype)
+                if "hidden_scale" in item:  # fp8 shards (padding: q = 0, scale 0)
+                    scale_BLn = torch.zeros(B, L, item["hidden_scale"].shape[-1], dtype=torch.float32)
             lo, hi = max(t, h_lo), min(t + n, h_hi)
             if lo < hi:
                 hidden_BLW[b, lo - h_lo:hi - h_lo] = h_TW[lo - t:hi - t]
+                if scale_BLn is not None:
+                    scale_BLn[b, lo - h_lo:hi - h_lo] = item["hidden_scale"][lo - t:hi - t]
             ids[b].append(str(item["id"]))
             sq_tokens += n * n
             t += n
     if hidden_BLW is None:  # only empty rows: width and dtype from any row of the source
-        h = source[0]["hidden"]
-        hidden_BLW = torch.zeros(B, L, h.shape[-1], dtype=h.dtype)
+        first = source[0]
+        hidden_BLW = torch.zeros(B, L, first["hidden"].shape[-1], dtype=first["hidden"].dtype)
+        if "hidden_scale" in first:
+            scale_BLn = torch.zeros(B, L, first["hidden_scale"].shape[-1], dtype=torch.float32)
     return MicroBatch(**ints, loss_mask=loss_mask, doc_ids=doc_ids, hidden=hidden_BLW, conversation_ids=ids,
-                      sq_tokens=sq_tokens)
+                      sq_tokens=sq_tokens, hidden_scale=scale_BLn)
 
 
 class PackedLoader:

@@ -182,7 +182,7 @@ def shard_collated(mb: "MicroBatch", sp: SPGroup, ttt_steps: int,
     """`shard_batch` of a data.MicroBatch whose `hidden` is either the whole rows [B, T, W] or already this rank's
     slice [B, ceil(T/N), W] (the loader's hidden_part): the trainer's path, host memory O(T/N) per rank."""
     B, T = mb.input_ids.shape
-    hidden = mb.hidden
+    hidden = mb.device_hidden(device)  # bf16 (fp8 shards dequantised on the device)
     ints = dict(input_ids=mb.input_ids, target_ids=mb.target_ids, loss_mask=mb.loss_mask,
                 position_ids=mb.position_ids, doc_ids=mb.doc_ids)
     if hidden.shape[1] == T and -(-T // sp.size) != T:  # whole rows

@@ -7,7 +7,10 @@ the export's config/tensor format and the engine's reading of it. A mistake anyw
 offsets, RoPE base, a positional shift) shows up here as an acceptance length near 1.0 even when every unit
 test passes.
 
-Measured (2-core CPU, 200 conversations, 300 steps): see MEASURED below; the threshold keeps a wide margin.
+Measured once (2-core CPU shared with other jobs, 200 conversations, 300 steps, 8 MT-bench prompts x 64 tokens):
+acceptance length 1.205 (per position 0.172 / 0.029 / 0.005); training 161 s, export + serving 44 s, stage 2's
+capture in the session fixture ~5 min unloaded (12 min under load). Set EAGLE3_TEST_SHAREGPT_SHARDS to keep the
+shards between sessions.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from stage3_train.train import run as train
 
 # The acceptance length this gate measured on the reference machine, and the floor it asserts. A random draft
 # gets ~1.0 (tests/test_eval_serve.py asserts < 1.5 for one).
-MEASURED = None
-THRESHOLD = 1.15
+MEASURED = 1.205
+THRESHOLD = 1.10   # half of the measured gain over a random draft's 1.0: margin for prompt/thread-order noise
 
 
 @pytest.mark.slow

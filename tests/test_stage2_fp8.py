@@ -106,3 +106,34 @@ def test_pipeline_writes_fp8_that_dequantise_to_the_bf16_shards(tmp_path, smollm
         # the bf16 shard and the fp8 one both round the same fp32 forward: fp8's 2^-4 plus bf16's 2^-9 twice
         _within_fp8_rounding(a[i]["hidden"], dequantize_fp8(b[i]["hidden"], b[i]["hidden_scale"], torch.float32),
                              b[i]["hidden_scale"], rel=1 / 16 + 2 / 512)
+
+
+def test_stage3_trains_from_fp8_shards_like_from_bf16(tmp_path, tiny_stage3):
+    """The trainer reads fp8 shards (dequantised where it computes) and learns as from the bf16 ones."""
+    from stage3_train.data import collate, Segment
+    from stage3_train.train import run
+    from tests.fixtures.stage3 import TINY, TINY_LAYERS, tiny_rows
+    from tests.test_stage3_train import small_cfg, train_records
+
+    target, _ = tiny_stage3
+    rows = list(tiny_rows(24, seed=3))
+    fields = {"layer_ids": TINY_LAYERS, "hidden_size": TINY["hidden_size"], "vocab_size": TINY["vocab_size"]}
+    write_shards(tmp_path / "bf16", rows, fields, draft_vocab_size=64)
+    write_shards(tmp_path / "fp8", rows, {**fields, "dtype": "float8_e4m3"}, draft_vocab_size=64)
+
+    ds = ShardDataset(tmp_path / "fp8")
+    mb = collate(ds, [[Segment(0, ds.num_tokens(0)), Segment(1, ds.num_tokens(1))]], pad_multiple=64)
+    assert mb.hidden.dtype == torch.float8_e4m3fn and mb.hidden_scale.shape == (1, 64, len(TINY_LAYERS))
+    batch = mb.packed("cpu")
+    assert batch.hidden.dtype == torch.bfloat16
+    n0 = ds.num_tokens(0)
+    _within_fp8_rounding(rows[0]["hidden"], batch.hidden[0, :n0], ds[0]["hidden_scale"])
+    assert not batch.hidden[0, ds.num_tokens(0) + ds.num_tokens(1):].any()   # padding dequantises to 0
+
+    losses = {}
+    for name in ("bf16", "fp8"):
+        run(small_cfg(tmp_path / name, tmp_path / f"run-{name}", steps=12), {"path": str(target)})
+        losses[name] = [r["loss"] for r in train_records(tmp_path / f"run-{name}")]
+    assert losses["fp8"][-1] < losses["fp8"][0]                                   # it learns
+    for a, b in zip(losses["bf16"], losses["fp8"]):
+        assert b == pytest.approx(a, rel=0.05)                                    # as from the bf16 rows

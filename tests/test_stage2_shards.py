@@ -107,8 +107,8 @@ def test_vocab_round_trip(tmp_path):
     assert torch.equal(torch.nonzero(t2d).flatten(), target)   # t2d marks exactly those
     draft_of = torch.cumsum(t2d.long(), 0) - 1     # target -> draft index on the kept tokens
     assert torch.equal(draft_of[target], torch.arange(16))
-    # coverage recomputed from the rows
-    masked = torch.cat([r["target_ids"][r["loss_mask"].bool()] for r in rows]).long()
+    # coverage recomputed from the rows, over the labels training uses: target_ids[j] where loss_mask[j+1]
+    masked = torch.cat([r["target_ids"][:-1][r["loss_mask"][1:].bool()] for r in rows]).long()
     assert m["coverage"] == pytest.approx(t2d[masked].float().mean().item())
     # the kept tokens are the most frequent masked targets
     counts = torch.bincount(masked, minlength=V)
