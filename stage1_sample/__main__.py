@@ -26,7 +26,7 @@ from .client import ChatClient, api_key_from_env
 from .config import SampleConfig
 from .formats import load_conversations
 from .regenerate import run_loop
-from .writer import ShardWriter
+from .writer import ConversationWriter
 
 log = get_logger("stage1")
 # settings that change the answers: a resumed run must use the same ones
@@ -56,7 +56,7 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         check_resume(out_dir, resolved)
-    writer = ShardWriter(out_dir, cfg.format, cfg.rows_per_shard, resume=cfg.resume)
+    writer = ConversationWriter(out_dir, cfg.format, cfg.rows_per_shard, resume=cfg.resume)
     atomic_write_text(out_dir / "config.yaml", config_yaml(resolved))
     sampling = cfg.sampling_params()
     sampling["chat_template_kwargs"] = {**target.chat_template_kwargs, **cfg.chat_template_kwargs}
@@ -101,7 +101,7 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, writer: ShardWriter,
+async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, writer: ConversationWriter,
                   sampling: dict[str, Any]) -> Any:
     async with ChatClient(urls, model, timeout=cfg.request_timeout, max_retries=cfg.max_retries,
                           api_key=api_key_from_env(), return_token_ids=returns_token_ids(cfg.server.engine)) as client:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .client import ChatClient, RequestError
 from .formats import Conversation, Skipped
-from .writer import ShardWriter
+from .writer import ConversationWriter
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Tally:
 async def run_loop(
     items: Iterable[Conversation | Skipped],
     client: ChatClient,
-    writer: ShardWriter,
+    writer: ConversationWriter,
     sampling: dict[str, Any],
     concurrency: int,
     total: int | None = None,

@@ -68,7 +68,7 @@ class AppendLog:
         self._f.close()
 
 
-class ShardWriter:
+class ConversationWriter:
     def __init__(self, out_dir: str | Path, fmt: str = "jsonl", rows_per_shard: int = 1000, resume: bool = True):
         if fmt not in ("jsonl", "parquet"):
             raise ValueError(f"unknown shard format {fmt!r} (jsonl | parquet)")

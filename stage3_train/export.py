@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from common.logs import get_logger
+from common.logs import get_logger, setup_logging
 from common.target import aux_layer_ids, default_aux_layer_ids
 from stage3_train import published, sglang_check
 
@@ -279,8 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ckpt", help="a step-N checkpoint folder, or a run folder (its latest complete checkpoint)")
     p.add_argument("out", help="output folder (replaced atomically)")
     args = p.parse_args(argv)
+    setup_logging()
     out = export_checkpoint(Path(args.ckpt), Path(args.out))
-    print(f"exported {args.ckpt} -> {out}")
+    log.info(f"exported {args.ckpt} -> {out}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ from typing import Any, Sequence
 
 import torch
 
+from common.logs import get_logger
+
+log = get_logger("stage3")
+
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; MFU is reported against these unless
 # train.peak_tflops is set. (ANCHORS.md measured 781 TFLOP/s of achievable matmul on an H100.)
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -120,14 +124,14 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a project dependency; a bare GPU image may lack it
-            print("metrics: tensorboard is not installed; writing metrics.jsonl only")
+            log.warning("tensorboard is not installed; writing metrics.jsonl only")
         else:
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
         if wandb_cfg is not None and getattr(wandb_cfg, "project", None):
             try:
                 import wandb
             except ImportError:
-                print("metrics: train.wandb.project is set but wandb is not installed; skipping W&B")
+                log.warning("train.wandb.project is set but wandb is not installed; skipping W&B")
             else:
                 self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or self.run_dir.name,
                                         entity=wandb_cfg.entity, config=config, resume="allow")
@@ -177,7 +181,7 @@ def plot_curves(jsonl: Path, png: Path) -> Path | None:
     try:
         import matplotlib
     except ImportError:  # a project dependency; a bare GPU image may lack it
-        print("metrics: matplotlib is not installed; no curves.png")
+        log.warning("matplotlib is not installed; no curves.png")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,7 +7,7 @@ import pytest
 
 from stage1_sample.formats import Conversation, load_conversations
 from common.files import sha256_file
-from stage1_sample.writer import ShardWriter
+from stage1_sample.writer import ConversationWriter as ShardWriter
 
 
 def _row(i: int) -> dict:
