@@ -30,7 +30,7 @@ from common.entry import dataclass_command
 from common.files import atomic_write_json
 from common.logs import get_logger
 
-from evaluation.prompts import Prompt, load_prompts, messages_for, render
+from evaluation.prompts import Prompt, load_prompts, messages_for
 from evaluation.spec_decode import Eagle3Drafter, SpecResult, TargetModel, TreeSpec, speculative_generate
 
 log = get_logger("eval")
@@ -145,6 +145,9 @@ def evaluate_prompts(target: TargetModel, drafter, tokenizer, prompts: list[Prom
                      max_new_tokens: int, eos_ids: set[int], chat_template_kwargs: dict | None = None,
                      desc: str = "") -> dict[str, Any]:
     """Decode every turn of every prompt; the summary of `acceptance_summary` plus timing."""
+    from stage2_hidden.render import ChatRenderer
+
+    renderer = ChatRenderer(tokenizer, chat_template_kwargs)  # stage 2's renderer: what the draft trained on
     results: list[SpecResult] = []
     accepted = rounds = 0
     t0 = time.perf_counter()
@@ -152,7 +155,7 @@ def evaluate_prompts(target: TargetModel, drafter, tokenizer, prompts: list[Prom
     for prompt in prompts:
         answers: list[str] = []
         for _ in prompt.turns:
-            ids = render(tokenizer, messages_for(prompt, answers), chat_template_kwargs)
+            ids = renderer.prompt_ids(messages_for(prompt, answers))
             res = speculative_generate(target, drafter, ids, max_new_tokens, spec, eos_ids)
             results.append(res)
             answers.append(tokenizer.decode([t for t in res.tokens if t not in eos_ids], skip_special_tokens=True))

@@ -24,6 +24,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,8 @@ def sink_attention(query, key, value, segments, scaling=None, sliding_window=Non
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None:
         try:
             return _sink_attention_varlen(query, key, value, segments, scale, window, sinks)
+        except torch.OutOfMemoryError:
+            raise                          # the blockwise path would need more memory, not less
         except (RuntimeError, TypeError, ValueError, NotImplementedError):  # an older torch / kernel refused it
             pass
     out_BTHD = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
@@ -72,6 +76,7 @@ def sink_attention(query, key, value, segments, scaling=None, sliding_window=Non
     return out_BTHD
 
 
+@functools.cache
 def _varlen_attn():
     """torch's varlen flash attention with ``window_size``, ``enable_gqa`` and the lse, or None."""
     try:

@@ -10,14 +10,13 @@ assertion depends on it.
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from stage2_hidden.render import ChatRenderer, RenderStats, clean_messages, harmony_spans, reasoning_key
+from tests.fixtures.http_server import serve_json
+from tests.test_stage2_render import mask_runs
 
 ASSETS = Path(__file__).parent / "assets"
 HARMONY_SPECIALS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>",
@@ -52,16 +51,8 @@ def qwen_tok(smollm2_dir):
 
 def runs(tok, row) -> list[tuple[str, str]]:
     """(the 3 tokens before, decoded text) of each maximal run of mask == 1."""
-    out, start = [], None
-    mask = list(row.loss_mask) + [0]
-    for i, m in enumerate(mask):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            out.append((tok.decode(row.input_ids[max(0, start - 3):start].tolist()),
-                        tok.decode(row.input_ids[start:i].tolist())))
-            start = None
-    return out
+    return [(tok.decode(row.input_ids[max(0, a - 3):a].tolist()), tok.decode(row.input_ids[a:b].tolist()))
+            for a, b in mask_runs(row)]
 
 
 def test_template_is_the_real_one():
@@ -130,29 +121,16 @@ def _reasoning_server():
     requests, the older ``reasoning_content`` on even ones); records the request bodies."""
     seen: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def respond(handler, body):
+        seen.append(body)
+        i = len(seen)
+        field = "reasoning" if i % 2 else "reasoning_content"
+        return 200, {"choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": f"answer {i}", field: f"think {i}"}}],
+                     "usage": {"completion_tokens": 3}}
 
-        def do_POST(self):  # noqa: N802
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            i = len(seen)
-            field = "reasoning" if i % 2 else "reasoning_content"
-            payload = {"choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": f"answer {i}", field: f"think {i}"}}],
-                       "usage": {"completion_tokens": 3}}
-            data = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}", seen
+    server, url = serve_json(respond)
+    return server, url, seen
 
 
 def _stage1(conv_messages):

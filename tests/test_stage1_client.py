@@ -3,13 +3,11 @@ non-retryable 4xx, exhausted retries, round robin."""
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from stage1_sample.client import ChatClient, RequestError
+from tests.fixtures.http_server import serve_json
 
 OK_BODY = {
     "id": "x", "object": "chat.completion", "prompt_token_ids": [1, 2, 3],
@@ -30,37 +28,20 @@ def serve(script: list[str]):
     "ok", "text" (a body without token ids), "503", "429", "400", or "drop" (close the connection without answering)."""
     seen: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def respond(handler, body):
+        seen.append({"path": handler.path, "body": body, "auth": handler.headers.get("Authorization")})
+        action = script[min(len(seen) - 1, len(script) - 1)]
+        if action == "drop":
+            handler.close_connection = True
+            handler.connection.close()
+            return None
+        if action in ("ok", "text"):
+            return 200, OK_BODY if action == "ok" else TEXT_BODY
+        status = int(action)
+        return status, {"error": {"message": f"server says {status}", "type": "BadRequestError", "code": status}}
 
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-            action = script[min(len(seen) - 1, len(script) - 1)]
-            if action == "drop":
-                self.close_connection = True
-                self.connection.close()
-                return
-            if action == "ok":
-                status, payload = 200, OK_BODY
-            elif action == "text":
-                status, payload = 200, TEXT_BODY
-            else:
-                status = int(action)
-                payload = {"error": {"message": f"server says {status}", "type": "BadRequestError", "code": status}}
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}", seen
+    server, url = serve_json(respond)
+    return server, url, seen
 
 
 def _chat(urls, **kw):

@@ -20,20 +20,22 @@ from stage1_sample.formats import Conversation, load_conversations
 from stage1_sample.regenerate import regenerate
 
 REPO = Path(__file__).resolve().parent.parent
+# two assistant turns to regenerate, and it ends on a user turn: one more answer is generated
+THREE_TURNS = Conversation("t1", [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "ORIGINAL ANSWER ONE"},
+    {"role": "user", "content": "Name another one."},
+    {"role": "assistant", "content": "ORIGINAL ANSWER TWO"},
+    {"role": "user", "content": "And a fruit?"},
+])
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0, "chat_template_kwargs": {}}
 
 
 def test_turn_by_turn_regeneration_and_token_ids(vllm_server, smollm2_dir):
     from transformers import AutoTokenizer
 
-    conv = Conversation("t1", [
-        {"role": "system", "content": "You are a terse assistant."},
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "ORIGINAL ANSWER ONE"},
-        {"role": "user", "content": "Name another one."},
-        {"role": "assistant", "content": "ORIGINAL ANSWER TWO"},
-        {"role": "user", "content": "And a fruit?"},  # ends on a user turn: one more answer is generated
-    ])
+    conv = THREE_TURNS
 
     async def go():
         async with ChatClient([vllm_server], "smollm2-135m", timeout=120, max_retries=2) as client:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from stage1_sample.client import ChatClient
-from stage1_sample.formats import Conversation, load_conversations
+from stage1_sample.formats import load_conversations
 from stage1_sample.regenerate import regenerate
-from tests.test_stage1_server import _pgid_members
+from tests.test_stage1_server import THREE_TURNS, _pgid_members
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0, "chat_template_kwargs": {}}
@@ -145,14 +145,7 @@ def test_launcher_failure_of_transformers_serve_leaves_no_process(tmp_path):
 @pytest.mark.slow
 def test_regenerate_turn_by_turn_through_transformers_serve(transformers_server, smollm2_dir):
     url, model = transformers_server
-    conv = Conversation("t1", [
-        {"role": "system", "content": "You are a terse assistant."},
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "ORIGINAL ANSWER ONE"},
-        {"role": "user", "content": "Name another one."},
-        {"role": "assistant", "content": "ORIGINAL ANSWER TWO"},
-        {"role": "user", "content": "And a fruit?"},
-    ])
+    conv = THREE_TURNS
     seen: list[int] = []
 
     async def go():

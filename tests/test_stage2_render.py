@@ -42,17 +42,21 @@ def _tok_with_template(smollm2_dir, template: str, specials: list[str], bos: str
     return tok
 
 
-def masked_spans(tok, row: Rendered) -> list[str]:
-    """Decoded text of each maximal run of mask == 1."""
-    spans, start = [], None
-    mask = list(row.loss_mask) + [0]
-    for i, m in enumerate(mask):
+def mask_runs(row: Rendered) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of mask == 1."""
+    out, start = [], None
+    for i, m in enumerate(list(row.loss_mask) + [0]):
         if m and start is None:
             start = i
         elif not m and start is not None:
-            spans.append(tok.decode(row.input_ids[start:i].tolist()))
+            out.append((start, i))
             start = None
-    return spans
+    return out
+
+
+def masked_spans(tok, row: Rendered) -> list[str]:
+    """Decoded text of each maximal run of mask == 1."""
+    return [tok.decode(row.input_ids[a:b].tolist()) for a, b in mask_runs(row)]
 
 
 def test_chatml_smollm2(smol_tok):
