@@ -326,7 +326,7 @@ def main() -> None:
     ap.add_argument("--fwd-max-length", type=int, default=1 << 62,
                     help="fwd-only passes only up to this length (to save device time)")
     ap.add_argument("--baseline", default=None, metavar="DIR:PACKAGE",
-                    help="also time an older copy of stage2_hidden (e.g. .carry-old:stage2_hidden_old)")
+                    help="also time an older copy of stage2_hidden (e.g. old-checkout:stage2_hidden_old)")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="local-disk folder for the shards")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
