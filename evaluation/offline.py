@@ -97,8 +97,10 @@ def acceptance_summary(results: list[SpecResult], depth: int) -> dict[str, Any]:
 @torch.no_grad()
 def load_draft(spec: str | Path, target_model, device: torch.device, dtype: torch.dtype):
     """(Eagle3Draft on device/dtype, export config.json) from an export folder or a training checkpoint (exported
-    to a temporary folder first: evaluated is exactly what vLLM would serve, bf16 weights included). The frozen
-    embeddings are the loaded target's, as in the engines."""
+    to a temporary folder first: evaluated is exactly what vLLM would serve, bf16 weights included). Only
+    safetensors and JSON are read: a checkpoint's model.safetensors, never its DCP shards (unpickling runs code),
+    and a checkpoint without that file is refused. The frozen embeddings are the loaded target's, as in the
+    engines."""
     from stage3_train import export
 
     spec = Path(spec)

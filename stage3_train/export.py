@@ -2,6 +2,9 @@
 
     python -m stage3_train.export CKPT OUT     # CKPT: a step-N checkpoint folder, or a run folder (latest one)
 
+From a checkpoint only its `model.safetensors` and JSON files are read, never the DCP shards (unpickling them
+runs code; see `stage3_train.checkpoint`): a checkpoint folder from anywhere exports without running anything.
+
 The folder: `config.json` + `model.safetensors`.
 - Tensors: `fc.weight`, `midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight`,
   `midlayer.self_attn.{q,k,v,o}_proj.weight`, `midlayer.mlp.{gate,up,down}_proj.weight`, `norm.weight`,
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from common.files import fsync_dir, fsync_file
 from common.logs import get_logger, setup_logging
 from common.target import aux_layer_ids, default_aux_layer_ids
 from stage3_train import published, sglang_check
@@ -139,7 +143,7 @@ def export_tensors(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str,
 def write_export(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                  meta: dict[str, Any] | None = None) -> Path:
     """Write config.json + model.safetensors (+ META_FILE when `meta` is given) into a temp folder beside
-    `out_dir`, fsync, rename into place."""
+    `out_dir`, fsync (files and folder), rename into place, fsync of the parent (the rename survives a power cut)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
@@ -149,14 +153,15 @@ def write_export(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch
         if meta is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
+        fsync_dir(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out_dir.parent)
     return out_dir
 
 
@@ -177,7 +182,8 @@ def export_state(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: 
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
-    """`python -m stage3_train.export CKPT OUT`: CKPT is a step-N folder or a run folder (its latest)."""
+    """`python -m stage3_train.export CKPT OUT`: CKPT is a step-N folder or a run folder (its latest). Reads the
+    checkpoint's model.safetensors and meta.json only (`checkpoint.load_weights`); one without them is refused."""
     from stage3_train import checkpoint
 
     ckpt = Path(ckpt)
@@ -186,7 +192,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
         if found is None:
             raise ValueError(f"{ckpt} is neither a complete checkpoint nor a run folder with one")
         ckpt = found
-    return export_state(checkpoint.load_model_tensors(ckpt), checkpoint.read_meta(ckpt), out_dir)
+    return export_state(checkpoint.load_weights(ckpt), checkpoint.read_meta(ckpt), out_dir)
 
 
 def read_export(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -134,13 +134,19 @@ def _clip(model, max_norm: float, step: int) -> float:
 
 
 @torch.no_grad()
-def validate(model, ds, val_idx: list[int], cfg: TrainConfig, d: World, sp: SPGroup | None = None) -> dict[str, Any]:
-    """Loss, per-step accuracy and acceptance length over the validation rows (all ranks, every row once)."""
+def validate(model, ds, val_idx: list[int], cfg: TrainConfig, d: World, sp: SPGroup | None = None, *,
+             step: int) -> dict[str, Any]:
+    """Loss, per-step accuracy and acceptance length over the validation rows (all ranks, every row once).
+
+    Raises FloatingPointError naming the step (and, on the rank that had them, the conversation ids) when the
+    loss is not finite: a diverged draft is stopped as in training, before anything is saved or exported.
+    """
     from stage3_train.ttt import ttt_forward
 
     k = cfg.ttt_steps
     stats = StepStats.zeros(k, d.device)
     ones_k = torch.ones(k, device=d.device)
+    first_bad = None  # conversation ids of this rank's first micro-batch with a non-finite loss
     rank, world = (d.rank, d.world_size) if sp is None else (sp.dp_rank, sp.dp_size)
     part = None if sp is None else (sp.rank, sp.size)
     for mb in eval_batches(ds, val_idx, max_tokens=cfg.max_tokens, batch_rows=cfg.batch_rows, rank=rank,
@@ -149,8 +155,15 @@ def validate(model, ds, val_idx: list[int], cfg: TrainConfig, d: World, sp: SPGr
         batch, shard = prepare_batch(mb, d, k, sp)
         out = ttt_forward(model, batch, ones_k, k, checkpoint=False, sp=shard)
         zero = stats.tokens.new_zeros(())
+        if first_bad is None and not bool(torch.isfinite(out.ce_sum).all()):  # a host sync: not the hot path
+            first_bad = mb.conversation_ids
         stats = stats + StepStats(out.ce_sum.double(), out.correct.double(), out.valid.double(), zero, zero)
-    return stats.all_reduce().summarize(cfg.step_decay)
+    summary = stats.all_reduce().summarize(cfg.step_decay)  # every rank sees the same sum: all raise together
+    if not math.isfinite(summary["loss"]):
+        where = f"rank {d.rank} conversations {first_bad}" if first_bad is not None else f"another rank than {d.rank}"
+        raise FloatingPointError(f"non-finite validation loss at step {step}: {where}; nothing was saved or "
+                                 "exported for this step")
+    return summary
 
 
 def _peak_mem_gib(device: torch.device) -> float:
@@ -208,7 +221,7 @@ class Trainer:
         if not self.cfg.resume:
             raise ValueError(f"{self.ckpt_root} already holds checkpoints (latest {found.name}); set "
                              f"train.resume=true to continue that run, or choose another train.out")
-        state = checkpoint.load(found, self.model, self.optimizer)
+        state = checkpoint.load(found, self.model, self.optimizer, root=self.ckpt_root)  # own run folder only
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         self.log(f"resumed from {found} at step {state['step']}")
@@ -244,7 +257,7 @@ class Trainer:
     def _eval(self) -> None:
         if not self.val_idx:
             return
-        m = validate(self.model, self.ds, self.val_idx, self.cfg, self.d, self.sp)
+        m = validate(self.model, self.ds, self.val_idx, self.cfg, self.d, self.sp, step=self.step)
         acc = " ".join(f"{a:.3f}" for a in m["acc"])
         self.log(f"val  step {self.step:>6} | loss {m['loss']:.4f} | acc {acc} | accept {m['accept_len']:.2f}")
         self.metrics.log("val", self.step, {key: v for key, v in m.items() if key != "valid"})
@@ -296,12 +309,14 @@ class Trainer:
                 self._log_train(window, t0, t_run, self.step - start, grad_norm)
                 window = StepStats.zeros(cfg.ttt_steps, self.d.device)
                 t0 = time.perf_counter()
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            # validation comes before the same step's save: a non-finite validation loss (FloatingPointError)
+            # stops the run with nothing saved or exported for that step, like a non-finite training loss
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
                 self._eval()
                 last_val = self.step
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
                 self.save()
-        if last_val != self.step:
+        if last_val != self.step:  # resumed at the last step: the loop did not run; validate before the export
             self._eval()
 
     def finish(self) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stage3_train.checkpoint import MARKER, step_dirs
+from stage3_train.checkpoint import MARKER, prune, step_dirs
 from stage3_train.config import TrainConfig
-from stage3_train.data import check_manifest
+from stage3_train.data import check_manifest, split_rows
 from stage3_train.metrics import StepStats, acceptance_length
 from stage3_train.train import lr_factor, run
 from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target, tiny_rows
@@ -104,6 +104,27 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, tiny_stage3):
     for ra, rb in zip(a[3:], b[3:]):
         assert rb["loss"] == ra["loss"] and rb["acc"] == ra["acc"], (ra, rb)
     assert a[0]["loss"] != a[5]["loss"]
+    # the unfinished step-9 was newer than every complete checkpoint: the save of step 6 pruned it
+    assert [s for s, _ in step_dirs(cut / "checkpoints", complete_only=False)] == [3, 6]
+
+
+def test_prune_keeps_the_newest_complete_and_drops_every_unmarked_folder(tmp_path):
+    def folder(step: int, complete: bool) -> None:
+        (tmp_path / f"step-{step}").mkdir()
+        if complete:
+            (tmp_path / f"step-{step}" / MARKER).write_text("{}")
+
+    prune(tmp_path, keep=1)  # no folder at all: nothing to do
+    folder(3, complete=False)
+    prune(tmp_path, keep=1)  # nothing complete: an unmarked folder is all there is of the run, it stays
+    assert [s for s, _ in step_dirs(tmp_path, complete_only=False)] == [3]
+    for step, complete in ((2, True), (4, True), (5, False), (6, True), (9, False), (12, False)):
+        folder(step, complete)
+    (tmp_path / "notes").mkdir()  # not a checkpoint folder: never touched
+    prune(tmp_path, keep=2)
+    assert [s for s, _ in step_dirs(tmp_path, complete_only=False)] == [4, 6]
+    prune(tmp_path, keep=1)
+    assert [s for s, _ in step_dirs(tmp_path, complete_only=False)] == [6] and (tmp_path / "notes").is_dir()
 
 
 def test_nan_loss_stops_naming_step_and_batch(tmp_path, tiny_stage3):
@@ -123,6 +144,26 @@ def test_nan_loss_stops_naming_step_and_batch(tmp_path, tiny_stage3):
     saved = step_dirs(out / "checkpoints", complete_only=False)
     assert all((p / MARKER).is_file() for _, p in saved)
     assert [s for s, _ in saved] == list(range(1, bad_step))  # every good step saved, nothing for the bad one
+
+
+def test_nan_validation_loss_stops_naming_step_before_save_and_export(tmp_path, tiny_stage3):
+    from tests.fixtures.shards import write_shards
+
+    target, _ = tiny_stage3
+    rows = list(tiny_rows(12, seed=5))
+    _, val_idx = split_rows([r["id"] for r in rows], 0.1)
+    bad = rows[val_idx[0]]  # a held-out row only: training itself stays finite
+    bad["hidden"] = torch.full_like(bad["hidden"], float("nan"))
+    shards = tmp_path / "nan_val_shards"
+    write_shards(shards, rows, {"layer_ids": TINY_LAYERS, "hidden_size": TINY["hidden_size"],
+                                "vocab_size": TINY["vocab_size"]}, draft_vocab_size=64)
+    out = tmp_path / "run"
+    cfg = small_cfg(shards, out, steps=6, eval_every=2, ckpt_every=1, max_tokens=40, export=True)
+    with pytest.raises(FloatingPointError, match=rf"non-finite validation loss at step 2: .*{bad['id']}"):
+        run(cfg, {"path": str(target)})
+    assert [s for s, _ in step_dirs(out / "checkpoints", complete_only=False)] == [1]  # nothing for step 2
+    assert not (out / "export").exists() and train_records(out, "val") == []
+    assert [r["step"] for r in train_records(out)] == [1, 2]
 
 
 def test_auto_activation_checkpointing_decides_from_what_fits():
