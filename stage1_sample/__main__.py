@@ -1,51 +1,76 @@
 """Stage 1 entry point: ``python -m stage1_sample [hydra overrides]`` (``make sample ARGS="..."``).
 
-Composes ``conf/sample.yaml``, saves the resolved config beside the output, starts the server
-(``sample.server.engine``: vLLM, or ``transformers serve``) unless ``sample.server.urls`` points at running
-servers, regenerates, prints the accounting line (with output tokens/s) and writes the manifest (with
-``throughput`` and ``token_ids`` counts).
+Composes ``conf/sample.yaml``, refuses an input with no records (unless ``sample.allow_empty``), saves the
+resolved config beside the output (secret server flags and environment values redacted), starts the server
+(``sample.server.engine``: vLLM, or ``transformers serve``, with the target's tool / reasoning parsers) unless
+``sample.server.urls`` points at running servers, regenerates, prints the accounting line (with output tokens/s)
+and writes the manifest (with ``throughput`` and ``token_ids`` counts).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from common.entry import config_yaml, hydra_entry
 from common.files import atomic_write_text
 from common.logs import get_logger
-from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, request_model_name,
-                           returns_token_ids, server_command)
+from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, parses_tool_calls, redact_args,
+                           redact_env, request_model_name, returns_token_ids, server_command)
 from common.target import TargetSpec
 
 from .client import ChatClient, api_key_from_env
 from .config import SampleConfig
-from .formats import load_conversations
-from .regenerate import run_loop
+from .formats import Conversation, Skipped, load_conversations
+from .regenerate import Tally, run_loop
 from .writer import ConversationWriter
 
 log = get_logger("stage1")
-# settings that change the answers: a resumed run must use the same ones
-RESUME_KEYS = [("target", "name"), ("target", "path"), ("sample", "input"), ("sample", "format"),
-               ("sample", "temperature"), ("sample", "top_p"), ("sample", "max_tokens"), ("sample", "seed"),
-               ("sample", "chat_template_kwargs")]
+# settings that change the answers (the parsers: where reasoning and tool calls are stored): a resumed run must
+# use the same ones
+RESUME_KEYS = [("target", "name"), ("target", "path"), ("target", "tool_call_parser"), ("target", "reasoning_parser"),
+               ("sample", "input"), ("sample", "format"), ("sample", "temperature"), ("sample", "top_p"),
+               ("sample", "max_tokens"), ("sample", "seed"), ("sample", "chat_template_kwargs")]
+TOOLS_REFUSED = ("has tools, but the launched vLLM has no tool parser (target.tool_call_parser is null), so it "
+                 "would answer HTTP 400")
 
 
 def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
-    """Refuse to resume a run whose stored config differs in a setting that changes the answers."""
+    """Refuse to resume a run whose stored config differs in a setting that changes the answers, or whose shards
+    may hold records past this run's ``sample.num_prompts`` (a larger value only extends the run: the first N
+    records are a prefix of the first M > N)."""
     old_file = out_dir / "config.yaml"
     if not old_file.exists():
         return
     old = yaml.safe_load(old_file.read_text()) or {}
     diffs = [f"{a}.{b}: {old.get(a, {}).get(b)!r} -> {resolved[a].get(b)!r}"
              for a, b in RESUME_KEYS if old.get(a, {}).get(b) != resolved[a].get(b)]
+    old_n, new_n = old.get("sample", {}).get("num_prompts"), resolved["sample"].get("num_prompts")
+    if new_n is not None and (old_n is None or new_n < old_n):
+        diffs.append(f"sample.num_prompts: {old_n!r} -> {new_n!r} (fewer records than the shards may hold)")
     if diffs:
         raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); "
                          "use another sample.output_dir or the same settings")
+
+
+def redacted(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The config as saved in ``config.yaml``: secret values of the server's flags and environment replaced."""
+    server = resolved["sample"]["server"]
+    server = {**server, "extra_args": redact_args(list(server.get("extra_args") or [])),
+              "env": redact_env(dict(server.get("env") or {}))}
+    return {**resolved, "sample": {**resolved["sample"], "server": server}}
+
+
+def input_records(cfg: SampleConfig) -> Iterator[Conversation | Skipped] | None:
+    """The input's records, or None when it has none (found before a server is started for nothing)."""
+    records = load_conversations(cfg.input, limit=cfg.num_prompts)
+    first = next(records, None)
+    return None if first is None else itertools.chain([first], records)
 
 
 def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -56,27 +81,22 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         check_resume(out_dir, resolved)
+    items = input_records(cfg)
+    if items is None:
+        # an empty input is nearly always a wrong path, split or filter: an empty "success" would hide it
+        if not cfg.allow_empty:
+            raise ValueError(f"sample.input={cfg.input!r} has no records: nothing to regenerate (check the path or "
+                             "split; sample.allow_empty=true accepts an empty run)")
+        log.warning("sample.input=%r has no records (sample.allow_empty=true): writing an empty manifest", cfg.input)
     writer = ConversationWriter(out_dir, cfg.format, cfg.rows_per_shard, resume=cfg.resume)
-    atomic_write_text(out_dir / "config.yaml", config_yaml(resolved))
+    atomic_write_text(out_dir / "config.yaml", config_yaml(redacted(resolved)))
     sampling = cfg.sampling_params()
     sampling["chat_template_kwargs"] = {**target.chat_template_kwargs, **cfg.chat_template_kwargs}
-    engine = cfg.server.engine
-    model_name = request_model_name(engine, target.path, target.served_name)
+    launched = bool(cfg.server.launch and not cfg.server.urls and items is not None)
     t0 = time.monotonic()
     try:
-        with contextlib.ExitStack() as stack:
-            urls = cfg.server.urls
-            if cfg.server.launch and not urls:
-                port = cfg.server.port or free_port()
-                cmd = server_command(engine, target.path, target.served_name, port, dtype=target.dtype,
-                                     max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
-                                     extra_args=cfg.server.extra_args, cb=cfg.cb_bounds())
-                server = launch(engine, cmd, port=port, env=cfg.server.env, log_file=out_dir / "server.log",
-                                startup_timeout=cfg.server.startup_timeout)
-                log.info("starting %s for %s (log: %s)", ENGINE_NAMES[engine], target.path, server.log_file)
-                urls = [stack.enter_context(server).url]
-            items = load_conversations(cfg.input, limit=cfg.num_prompts)
-            tally = asyncio.run(_sample(items, urls, model_name, cfg, writer, sampling))
+        tally = Tally(end=time.monotonic()) if items is None else \
+            regenerate_all(items, cfg, target, writer, sampling, launched)
     except BaseException:
         writer.close()  # leave the partial shard for sample.resume=true
         raise
@@ -86,8 +106,7 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
             "input": cfg.input,
             "sampling": sampling,
             "shard_format": cfg.format,
-            "server": {"engine": engine, "launched": bool(cfg.server.launch and not cfg.server.urls),
-                       "concurrency": cfg.concurrency},
+            "server": {"engine": cfg.server.engine, "launched": launched, "concurrency": cfg.concurrency},
             "elapsed_s": round(time.monotonic() - t0, 1),
             "throughput": tally.throughput(),  # this pass, server start-up excluded
         },
@@ -101,11 +120,34 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def regenerate_all(items: Iterator[Conversation | Skipped], cfg: SampleConfig, target: TargetSpec,
+                   writer: ConversationWriter, sampling: dict[str, Any], launch_server: bool) -> Tally:
+    """Regenerate ``items`` through ``sample.server.urls``, or through a server started for this (and stopped)."""
+    engine = cfg.server.engine
+    urls, tools_refused = cfg.server.urls, None  # a server we did not start is trusted to take tools
+    with contextlib.ExitStack() as stack:
+        if launch_server:
+            port = cfg.server.port or free_port()
+            cmd = server_command(engine, target.path, target.served_name, port, dtype=target.dtype,
+                                 max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
+                                 tool_call_parser=target.tool_call_parser, reasoning_parser=target.reasoning_parser,
+                                 extra_args=cfg.server.extra_args, cb=cfg.cb_bounds())
+            if engine == "vllm" and not parses_tool_calls(cmd):
+                tools_refused = TOOLS_REFUSED
+            server = launch(engine, cmd, port=port, env=cfg.server.env, log_file=writer.dir / "server.log",
+                            startup_timeout=cfg.server.startup_timeout)
+            log.info("starting %s for %s (log: %s)", ENGINE_NAMES[engine], target.path, server.log_file)
+            urls = [stack.enter_context(server).url]
+        model_name = request_model_name(engine, target.path, target.served_name)
+        return asyncio.run(_sample(items, urls, model_name, cfg, writer, sampling, tools_refused))
+
+
 async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, writer: ConversationWriter,
-                  sampling: dict[str, Any]) -> Any:
+                  sampling: dict[str, Any], tools_refused: str | None) -> Tally:
     async with ChatClient(urls, model, timeout=cfg.request_timeout, max_retries=cfg.max_retries,
                           api_key=api_key_from_env(), return_token_ids=returns_token_ids(cfg.server.engine)) as client:
-        return await run_loop(items, client, writer, sampling, cfg.concurrency, total=cfg.num_prompts)
+        return await run_loop(items, client, writer, sampling, cfg.concurrency, total=cfg.num_prompts,
+                              tools_refused=tools_refused)
 
 
 def _main(resolved: dict[str, Any]) -> None:

@@ -1,9 +1,12 @@
 """Async client of OpenAI-compatible chat servers: round robin, retries with backoff, vLLM token ids.
 
 Retried (exponential backoff with full jitter, honouring ``Retry-After``): connection errors, dropped
-connections, timeouts, HTTP 408 / 429 / 5xx. Any other 4xx (e.g. the context is too long) raises
-``RequestError`` at once with the server's message; so do exhausted retries. The API key comes from
-``VLLM_API_KEY`` or ``OPENAI_API_KEY`` and is never logged.
+connections, timeouts, HTTP 408 / 429 / 5xx, and a 200 whose body is not a chat completion (not JSON, or a
+``message`` that is not an object: a proxy's error page, a server bug). Any other 4xx (e.g. the context is too
+long) raises ``RequestError`` at once with the server's message; so do exhausted retries, so one bad answer
+fails one conversation, never the run. ``timeout`` is a deadline for the whole request (connect, queueing,
+generation, the body): httpx's own timeout restarts at every read, so a server trickling bytes would hold a
+request for ever. The API key comes from ``VLLM_API_KEY`` or ``OPENAI_API_KEY`` and is never logged.
 """
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import httpx
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RETRY_STATUS = {408, 429}
 OPENAI_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 # An assistant turn's reasoning (stored as ``reasoning_content``) goes back to the server under both names: vLLM
@@ -44,6 +48,10 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class MalformedResponse(ValueError):
+    """A 200 answer that is not a chat completion (retried like a 5xx: the next attempt may be fine)."""
 
 
 @dataclass
@@ -83,6 +91,7 @@ class ChatClient:
         self.model = model
         self.return_token_ids = return_token_ids
         self.max_retries = max_retries
+        self.timeout = timeout
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
@@ -128,24 +137,32 @@ class ChatClient:
             if chat_template_kwargs.get("reasoning_effort") is not None:
                 # gpt-oss: vLLM's harmony renderer reads the request's reasoning_effort, not the template kwargs
                 body["reasoning_effort"] = chat_template_kwargs["reasoning_effort"]
-        return parse_response(await self.post("/chat/completions", body))
+        return await self.post("/chat/completions", body, parse_response)
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries; the next server of the round robin takes each attempt."""
+    async def post(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
+        """POST with retries, ``parse(JSON body)`` of the first good 200; the next server of the round robin takes
+        each attempt. ``parse`` raises ``MalformedResponse`` for a body it cannot use (retried)."""
         for attempt in range(self.max_retries + 1):
             url = next(self._next_url) + path
             delay: float | None = None
             try:
-                resp = await self._http.post(url, json=body)
+                async with asyncio.timeout(self.timeout):  # the whole request, not one read (module docstring)
+                    resp = await self._http.post(url, json=body)
+            except TimeoutError:
+                error = f"no complete answer within the {self.timeout:g} s request deadline ({url})"
             except httpx.TransportError as e:  # connect / read / write errors, dropped connections, timeouts
                 error = f"{type(e).__name__}: {e or 'no detail'} ({url})"
             else:
                 if resp.status_code == 200:
-                    return resp.json()
-                error = f"HTTP {resp.status_code} from {url}: {_server_message(resp)}"
-                if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
-                    raise RequestError(error, resp.status_code)
-                delay = _retry_after(resp)
+                    try:
+                        return parse(_json_body(resp))
+                    except MalformedResponse as e:
+                        error = f"malformed answer from {url}: {e}"
+                else:
+                    error = f"HTTP {resp.status_code} from {url}: {_server_message(resp)}"
+                    if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
+                        raise RequestError(error, resp.status_code)
+                    delay = _retry_after(resp)
             if attempt == self.max_retries:
                 raise RequestError(f"gave up after {attempt + 1} attempts; last: {error}")
             # full jitter: uniform(0, min(max, base * 2^attempt)) spreads a thundering herd
@@ -156,27 +173,53 @@ class ChatClient:
         raise AssertionError("unreachable")
 
 
-def parse_response(data: dict[str, Any]) -> ChatResult:
-    """vLLM chat completion -> the assistant message in the stage-1 schema (docs/CONTRACTS.md)."""
-    try:
-        choice = data["choices"][0]
-        msg = choice["message"]
-    except (KeyError, IndexError, TypeError):
-        raise RequestError(f"malformed response: {str(data)[:300]}") from None
-    out: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
-    reasoning = msg.get("reasoning_content") or msg.get("reasoning")  # the name changed across vLLM versions
+def parse_response(data: Any) -> ChatResult:
+    """vLLM chat completion -> the assistant message in the stage-1 schema (docs/CONTRACTS.md).
+
+    Raises ``MalformedResponse`` for anything else: every field stage 1 stores is checked for its type here,
+    so a wrong answer fails its own request instead of a later stage (or the run loop)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    msg = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(msg, dict):
+        raise MalformedResponse(f"no choices[0].message object in {str(data)[:300]}")
+    content = _typed(msg.get("content"), str, "message.content")
+    out: dict[str, Any] = {"role": "assistant", "content": content or ""}
+    # the name changed across vLLM versions
+    reasoning = _typed(msg.get("reasoning_content"), str, "message.reasoning_content") or \
+        _typed(msg.get("reasoning"), str, "message.reasoning")
     if reasoning:
         out["reasoning_content"] = reasoning
-    if msg.get("tool_calls"):
+    if _typed(msg.get("tool_calls"), list, "message.tool_calls"):
         out["tool_calls"] = msg["tool_calls"]
     if data.get("prompt_token_ids") is not None:
-        out["prompt_token_ids"] = list(data["prompt_token_ids"])
+        out["prompt_token_ids"] = _token_ids(data["prompt_token_ids"], "prompt_token_ids")
     if choice.get("token_ids") is not None:
-        out["completion_token_ids"] = list(choice["token_ids"])
-    out["finish_reason"] = choice.get("finish_reason")
-    usage = data.get("usage") or {}
-    num = usage.get("completion_tokens", len(out.get("completion_token_ids", ())))
-    return ChatResult(out, int(num or 0))
+        out["completion_token_ids"] = _token_ids(choice["token_ids"], "choices[0].token_ids")
+    out["finish_reason"] = _typed(choice.get("finish_reason"), str, "finish_reason")
+    usage = _typed(data.get("usage"), dict, "usage") or {}
+    num = _typed(usage.get("completion_tokens"), int, "usage.completion_tokens")
+    return ChatResult(out, num if num is not None else len(out.get("completion_token_ids", ())))
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    """``value`` when it is None or a ``kind``; else ``MalformedResponse`` naming the field."""
+    if value is not None and not isinstance(value, kind):
+        raise MalformedResponse(f"{what} is a {type(value).__name__}, not a {kind.__name__}: {str(value)[:200]}")
+    return value
+
+
+def _token_ids(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+        raise MalformedResponse(f"{what} is not a list of integers: {str(value)[:200]}")
+    return value
+
+
+def _json_body(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise MalformedResponse(f"body is not JSON ({e}): {resp.text[:200]!r}") from None
 
 
 def _server_message(resp: httpx.Response) -> str:

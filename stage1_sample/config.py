@@ -60,9 +60,10 @@ class SampleConfig:
     max_tokens: int = 2048              # new tokens per assistant turn
     seed: int | None = 0                # per-request seed = f(seed, id, turn); null = unseeded
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
-    request_timeout: float = 600.0      # seconds per HTTP request
-    max_retries: int = 6                # retries per request on connection errors / timeouts / 408 / 429 / 5xx
+    request_timeout: float = 600.0      # deadline of one HTTP request, body included (a retryable timeout)
+    max_retries: int = 6                # retries per request: connection errors, timeouts, 408/429/5xx, bad 200s
     resume: bool = True                 # continue an interrupted run in output_dir (finished ids are skipped)
+    allow_empty: bool = False           # an input with no records is an error (a wrong path or split) unless true
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:

@@ -5,7 +5,8 @@ already holds the target's earlier answers (so turn k is conditioned on what the
 turns < k). Assistant turns that carry ``tool_calls`` are kept as they are: the tool messages after them
 answer those exact calls. A conversation that ends on a user or tool turn gets one more, generated,
 answer. An assistant turn right after another one is dropped (it answers nothing new). The first failed
-turn fails the whole conversation (recorded with the server's message, e.g. the context is too long).
+turn fails the whole conversation (recorded with the server's message, e.g. the context is too long, or
+why its answers were malformed or late); the run goes on with the others.
 """
 from __future__ import annotations
 
@@ -100,8 +101,12 @@ async def run_loop(
     sampling: dict[str, Any],
     concurrency: int,
     total: int | None = None,
+    tools_refused: str | None = None,
 ) -> Tally:
     """Regenerate ``items`` with at most ``concurrency`` conversations in flight; write as they finish.
+
+    ``tools_refused``: why the server cannot take requests with ``tools`` (a launched vLLM without a tool parser
+    answers 400 to each); conversations with tools are then skipped with that reason. None: they are sent.
 
     The progress bar shows conversations (done / total, conv/s) and the output tokens/s of this pass
     (``out_tok/s``, counted per answered turn and refreshed every second even while no conversation ends)."""
@@ -154,9 +159,13 @@ async def run_loop(
                 writer.skip(item.id, item.reason, **item.extra)
                 tally.skipped += 1
                 progress()
-            elif item.id in writer.done_ids:
+            elif item.id in writer.done_ids:  # before the tools rule: a row in the shards stays written
                 tally.written += 1
                 tally.resumed += 1
+                progress()
+            elif item.tools and tools_refused:
+                writer.skip(item.id, tools_refused)
+                tally.skipped += 1
                 progress()
             else:
                 await sem.acquire()

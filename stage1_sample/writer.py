@@ -11,9 +11,11 @@ Invariants (they make ``kill -9`` + resume lose and duplicate nothing):
 * ``skipped.jsonl`` / ``failed.jsonl`` describe the current pass only: resume starts them afresh (bad
   records are found again by the loader; failed conversations are tried again).
 * ``manifest.json`` (written last, atomically, with ``complete: true``) lists every shard with its rows
-  and sha256, the accounting ``input = written + skipped + failed`` and ``token_ids``: how many rows
-  carry the server's token ids on every generated turn (vLLM) and how many do not (``transformers
-  serve`` returns text only; stage 2 then re-tokenises the text with the chat template).
+  and sha256, the accounting ``input = written + skipped + failed`` with ``written`` = the shards' rows (a
+  folder holding rows that this pass's input lacks is refused: its accounting would describe another set)
+  and ``token_ids``: how many rows carry the server's token ids on every generated turn (vLLM) and how
+  many do not (``transformers serve`` returns text only; stage 2 then re-tokenises the text with the chat
+  template).
 """
 from __future__ import annotations
 
@@ -195,6 +197,12 @@ class ConversationWriter:
         self.failed.close()
         if accounting["input"] != accounting["written"] + accounting["skipped"] + accounting["failed"]:
             raise AssertionError(f"accounting does not add up: {accounting}")
+        num_rows = sum(self.shard_rows.values())
+        if num_rows != accounting["written"]:
+            # rows of an earlier pass whose ids this pass's input lacks: the input changed under the same settings
+            raise ValueError(f"{self.dir} holds {num_rows} conversations but this pass's input accounts for "
+                             f"{accounting['written']} of them: the folder holds records that are not in this input "
+                             "(was the input file edited?); write to another sample.output_dir")
         shards = [
             {"file": name, "rows": rows, "sha256": sha256_file(self.dir / name)}
             for name, rows in sorted(self.shard_rows.items(), key=lambda kv: self._index(Path(kv[0])))
@@ -203,7 +211,7 @@ class ConversationWriter:
             "format": SAMPLE_FORMAT,
             **manifest_fields,
             "shards": shards,
-            "num_rows": sum(s["rows"] for s in shards),
+            "num_rows": num_rows,
             "accounting": accounting,
             "token_ids": dict(self.token_ids),
             "complete": True,

@@ -49,6 +49,18 @@ def test_bad_accounting_is_refused(tmp_path):
         writer.finish({}, {"input": 2, "written": 1, "skipped": 0, "failed": 0})
 
 
+def test_rows_outside_this_pass_input_are_refused(tmp_path):
+    """A resumed folder holding rows this pass's input lacks: its manifest would count rows it does not account for."""
+    writer = ShardWriter(tmp_path, "jsonl", rows_per_shard=3)
+    for i in range(3):
+        writer.write(_row(i))
+    writer.close()
+    again = ShardWriter(tmp_path, "jsonl", rows_per_shard=3, resume=True)
+    with pytest.raises(ValueError, match="holds 3 conversations but this pass's input accounts for 2"):
+        _finish(again, 2)  # e.g. the input file lost a record between the passes
+    assert not (tmp_path / "manifest.json").exists()
+
+
 def test_recovery_after_a_crash_mid_line(tmp_path):
     writer = ShardWriter(tmp_path, "jsonl", rows_per_shard=3)
     for i in range(5):
