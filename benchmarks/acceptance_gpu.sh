@@ -20,7 +20,8 @@
 # Knobs: LRS ("3e-4 8e-4"), MAXTOK (4096; fullset-*: 16384), EVAL_PROMPTS (10; 0 = no offline check), EVAL_TIMEOUT
 #   (120 s), EVAL_TOKENS (256), EVAL_DATASETS (mtbench), PY (python3), SMOKE_LIMIT (64), NPROC2 (4: stage-2 ranks
 #   on the one GPU), S2_DEVICE (cuda:0), S2_TIMEOUT (stop stage 2 after this many seconds; a rerun resumes it),
-#   FULL_MAXLEN (1024), FULL_LIMIT (null = every record), ROWS_PER_SHARD (512), PHASES ("hidden train").
+#   FULL_MAXLEN (1024), FULL_LIMIT (null = every record), ROWS_PER_SHARD (512), PHASES ("hidden train"),
+#   STORAGE (bfloat16 | float8_e4m3: stage 2's hidden.storage_dtype; stage 3 reads either).
 # Figures and commands of past runs: benchmarks/RESULTS.md ("Acceptance").
 set -euo pipefail
 MODE=${1:-full}
@@ -103,7 +104,7 @@ phase "stage 2: $INPUT (limit $LIMIT), max_length $MAXLEN, $NPROC2 ranks on one 
 # shards r, r+N, ... (same bytes as one rank). If the multi-rank run fails, one process resumes it.
 S2_ARGS=(root=$ROOT target.path=$TARGET hidden.input=$INPUT hidden.limit=$LIMIT hidden.output=$RUN/hidden
   hidden.max_length=$MAXLEN hidden.on_too_long=truncate hidden.dtype=bfloat16 hidden.batch_tokens=16384
-  hidden.rows_per_shard=${ROWS_PER_SHARD:-512})
+  hidden.rows_per_shard=${ROWS_PER_SHARD:-512} hidden.storage_dtype=${STORAGE:-bfloat16})
 run_stage2 "$RUN/stage2.log" "${S2_ARGS[@]}"
 [ -f "$RUN/hidden/manifest.json" ] && cp $RUN/hidden/manifest.json "$RUN/stage2_manifest.json"
 df -h "$ROOT" | tail -n 1

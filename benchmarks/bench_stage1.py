@@ -4,13 +4,17 @@
     python benchmarks/bench_stage1.py --engine vllm --concurrency 8 32 128 --num-prompts 256 --max-tokens 128
     # GPU machine without vLLM:
     python benchmarks/bench_stage1.py --engine transformers --concurrency 8 32 128 --num-prompts 512 --max-tokens 256
+    # several servers sharing one GPU, each with a bounded KV cache, behind stage 1's round robin:
+    python benchmarks/bench_stage1.py --engine transformers --servers 4 --cb-max-memory-percent 0.1 --concurrency 256
     # tiny check (a minute or two on a 2-core CPU):
     python benchmarks/bench_stage1.py --engine transformers --concurrency 8 --num-prompts 16 --max-tokens 32
 
 The server (SmolLM2-135M-Instruct unless ``--model``) is started ONCE with stage 1's launcher and command
 builder (``common.server.server_command`` + ``launch``, the same settings ``sample.server.launch=true``
-uses), so its start-up is outside every measurement. Then for each concurrency ``run_stage1`` itself runs
-(conf/sample.yaml composed with overrides: ``sample.server.urls=[that server]``, the first N ShareGPT
+uses), so its start-up is outside every measurement; ``--servers N`` starts N of them (one port each, started
+together, then each waited for) and stage 1 spreads requests over them (``sample.server.urls``, round robin;
+``--concurrency`` counts requests in flight over all of them). Then for each concurrency ``run_stage1`` itself
+runs (conf/sample.yaml composed with overrides: ``sample.server.urls=[those servers]``, the first N ShareGPT
 conversations, every assistant turn regenerated turn by turn, greedy, fixed ``max_tokens``) into its own
 folder under ``--out``; its manifest's ``throughput`` (output tokens / seconds of the run loop) is the
 figure. A warm-up pass first (CUDA graphs / torch.compile / transformers' continuous-batching set-up happen
@@ -36,7 +40,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common.server import ENGINE_NAMES, ENGINES, cuda_available, free_port, install_signal_handlers, launch, server_command  # noqa: E402
+from common.server import (ENGINE_NAMES, ENGINES, cuda_available, free_port, install_signal_handlers, launch,  # noqa: E402
+                           redact_args, server_command)
 from common.target import TargetSpec  # noqa: E402
 from stage1_sample.__main__ import run_stage1  # noqa: E402
 from stage1_sample.config import SampleConfig  # noqa: E402
@@ -104,6 +109,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="target.path override (default: the preset's)")
     ap.add_argument("--warmup", type=int, default=8, help="conversations of the warm-up pass (0: none)")
     ap.add_argument("--url", default=None, help="use this running server instead of launching one")
+    ap.add_argument("--servers", type=int, default=1, help="servers launched side by side (same device)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     ap.add_argument("--cb-num-blocks", type=int, default=None, help="engine=transformers: --cb-num-blocks")
     ap.add_argument("--cb-max-batch-tokens", type=int, default=None, help="engine=transformers: --cb-max-batch-tokens")
@@ -137,7 +143,7 @@ def main() -> None:
 
     record: dict[str, Any] = {
         "benchmark": "stage1 output tokens/s (run_stage1 against one launched server)",
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join(map(str, redact_args([sys.executable, *sys.argv]))),  # secrets never written
         "date": date.isoformat(timespec="seconds"),
         "device": device_info(),
         "engine": args.engine,
@@ -148,20 +154,28 @@ def main() -> None:
         "sampling": "greedy (temperature 0)",
         "results": [],
     }
-    server_log = out / "server.log"
+    record["servers"] = 1 if args.url else args.servers
     with contextlib.ExitStack() as stack:
         if args.url:
-            url = args.url.rstrip("/")
+            urls = [args.url.rstrip("/")]
         else:
-            port = free_port()
-            cmd = server_command(args.engine, target.path, target.served_name, port, dtype=target.dtype,
-                                 max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
-                                 extra_args=[*cfg.server.extra_args, *args.server_arg], cb=cfg.cb_bounds())
-            record["server_command"] = shlex.join(cmd)
-            server = launch(args.engine, cmd, port=port, env=cfg.server.env, log_file=server_log,
-                            startup_timeout=args.startup_timeout)
-            print(f"starting {ENGINE_NAMES[args.engine]} (log: {server_log}) ...", flush=True)
-            url = stack.enter_context(server).url  # stopped (whole process group) on exit, error and Ctrl-C
+            servers = []
+            for i in range(args.servers):
+                port = free_port()
+                cmd = server_command(args.engine, target.path, target.served_name, port, dtype=target.dtype,
+                                     max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
+                                     extra_args=[*cfg.server.extra_args, *args.server_arg], cb=cfg.cb_bounds())
+                record["server_command"] = shlex.join(map(str, redact_args(cmd)))
+                log_file = out / ("server.log" if args.servers == 1 else f"server-{i}.log")
+                server = launch(args.engine, cmd, port=port, env=cfg.server.env, log_file=log_file,
+                                startup_timeout=args.startup_timeout)
+                stack.callback(server.stop)  # whole process group, on exit, error and Ctrl-C
+                servers.append(server.start())
+            print(f"starting {args.servers} x {ENGINE_NAMES[args.engine]} (logs in {out}) ...", flush=True)
+            for server in servers:   # started together: their start-ups overlap
+                server.wait_healthy()
+            urls = [server.url for server in servers]
+        url = ",".join(urls)
         stage1 = base + ["sample.server.launch=false", f"sample.server.urls=[{url}]"]
         if args.warmup:
             wdir = out / "warmup"
@@ -174,7 +188,7 @@ def main() -> None:
             manifest = run_stage1(compose(stage1 + [f"sample.output_dir={run_dir}", f"sample.num_prompts={args.num_prompts}",
                                                     f"sample.concurrency={conc}"]))
             tp = manifest["throughput"]
-            row = {"concurrency": conc, **tp, **manifest["accounting"], "requests": generated_turns(run_dir),
+            row = {"concurrency": conc, "servers": record["servers"], **tp, **manifest["accounting"], "requests": generated_turns(run_dir),
                    "token_ids": manifest["token_ids"]}
             record["results"].append(row)
             print(f"concurrency {conc}: {tp['output_tokens_per_s']:.1f} output tokens/s "
@@ -184,10 +198,10 @@ def main() -> None:
     (out / "bench_stage1.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{args.engine}, {target.name}, {args.num_prompts} prompts of {args.input}, max_tokens {args.max_tokens}, "
           f"greedy; device: {record['device']['gpu'] or record['device']['cpu']}\n")
-    print("| concurrency | output tokens | seconds | output tokens/s | requests | failed |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| servers | concurrency | output tokens | seconds | output tokens/s | requests | failed |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in record["results"]:
-        print(f"| {r['concurrency']} | {r['output_tokens']} | {r['seconds']:.1f} | {r['output_tokens_per_s']:.1f} | "
+        print(f"| {r['servers']} | {r['concurrency']} | {r['output_tokens']} | {r['seconds']:.1f} | {r['output_tokens_per_s']:.1f} | "
               f"{r['requests']} | {r['failed']} |")
     print(f"\nwrote {out / 'bench_stage1.json'}")
 

@@ -102,6 +102,21 @@ def hf_forward(model, rows, attn: str) -> float:
         model.set_attn_implementation(PACKED_ATTN)
 
 
+def profile_forward(cap, row, top: int = 25) -> str:
+    """One conversation's capture forward under torch.profiler: the kernels by device time (a table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=activities) as prof, torch.inference_mode():
+        cap.forward([torch.from_numpy(row.input_ids)])
+        sync()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
+    print(f"profile, one conversation of {len(row.input_ids)} tokens:\n{table}", flush=True)
+    return table
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -130,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--rows-per-shard", type=int, default=4)
     ap.add_argument("--tmp", default=None, help="folder for the shard writes (local NVMe)")
     ap.add_argument("--tiny", action="store_true", help="a tiny config on CPU (smoke test)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one conversation's forward per length (kernel table printed, saved beside --out)")
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -150,6 +167,7 @@ def main(argv=None):
             "total_params": sum(p.numel() for p in model.parameters()), "matmul_tflops": peak}
     print(json.dumps(meta), flush=True)
     results = []
+    profiles: dict[str, str] = {}
 
     def record(impl, experts, length, n, secs, extra=None):
         tokens = n * length
@@ -174,6 +192,8 @@ def main(argv=None):
             warm = make_rows(1, min(length, 2048), cfg.vocab_size, seed=1)
             try:
                 timed_pass(cap, warm, length, 1, width, layer_ids, 1, tmp)   # warm-up (kernels, allocator)
+                if args.profile:
+                    profiles[f"{experts}-{length}"] = profile_forward(cap, rows[0])
                 reset_peak()
                 secs, _ = timed_pass(cap, rows, length, args.rows_per_shard, width, layer_ids, 0, tmp)
                 record("stage2 fwd-only", experts, length, n, secs)
@@ -203,6 +223,8 @@ def main(argv=None):
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    for key, table in profiles.items():
+        (out.parent / f"profile-{key}.txt").write_text(table)
     print("\n| impl | experts | tokens/conv | tokens/s | peak GiB | MFU (active) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:

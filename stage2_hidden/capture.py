@@ -17,15 +17,20 @@
   HF passes both to the attention function; ``packed_attention`` honours them (``sink_attention``): on CUDA one
   varlen flash call over all segments (``torch.nn.attention.varlen.varlen_attn`` with ``window_size`` and the
   log-sum-exp), the sink applied exactly afterwards as ``out * sigmoid(lse - sink)`` (softmax over
-  ``[scores, sink]`` = softmax over scores times ``Z / (Z + e^sink)``); elsewhere, or where that torch API is
-  missing, a blockwise exact softmax in fp32 (query blocks against only the keys they may see, so a window layer
-  costs O(T * window) and memory stays bounded). Key j is visible from query i iff ``i - window < j <= i``
-  (HF's ``sliding_window_overlay``; flash's left window is ``window - 1``).
+  ``[scores, sink]`` = softmax over scores times ``Z / (Z + e^sink)``). Where that torch API is missing
+  (torch 2.11's ``varlen_attn`` has no ``enable_gqa``: the H200 profile of 2026-12-02 found every gpt-oss layer on
+  the fallback, fp32 ``bmm`` + softmax = most of the forward, 2.6K tokens/s at 32K): a full-attention layer runs
+  SDPA's fused causal kernel per segment through the aten op that also returns the log-sum-exp
+  (``_scaled_dot_product_flash_attention``, ``..._for_cpu`` on CPU; keys/values repeated to the query heads)
+  and takes the same sink gate, and a window layer a blockwise exact softmax in fp32 (query blocks against only
+  the keys they may see: O(T * window), memory bounded). Whatever path a layer falls back to is logged once. Key j
+  is visible from query i iff ``i - window < j <= i`` (HF's ``sliding_window_overlay``; flash's left window is
+  ``window - 1``).
 """
 from __future__ import annotations
 
 import functools
-
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from common.hf_target import AuxCapture, load_target_model, use_attention
 
 PACKED_ATTN = "stage2_packed"
+log = logging.getLogger(__name__)
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -67,13 +73,57 @@ def sink_attention(query, key, value, segments, scaling=None, sliding_window=Non
             return _sink_attention_varlen(query, key, value, segments, scale, window, sinks)
         except torch.OutOfMemoryError:
             raise                          # the blockwise path would need more memory, not less
-        except (RuntimeError, TypeError, ValueError, NotImplementedError):  # an older torch / kernel refused it
-            pass
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:  # an older torch / kernel refused it
+            _log_once(f"varlen flash attention refused ({type(e).__name__}: {str(e)[:200]}); using the per-segment path")
     out_BTHD = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for start, end in segments:
-        out_BTHD[:, start:end] = _sink_attention_blockwise(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scale, window, sinks, block_bytes)
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        seg = _sink_attention_fused(q, k, v, scale, sinks) if window is None else None
+        if seg is None:
+            seg = _sink_attention_blockwise(q, k, v, scale, window, sinks, block_bytes)
+        out_BTHD[:, start:end] = seg
     return out_BTHD
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.warning(message)
+
+
+def _causal_attention_with_lse(q, k, v, scale):
+    """SDPA's fused causal kernel that also returns the log-sum-exp: (out [B, H, T, D], lse [B, H, T] fp32), or
+    None where this torch has no such op for the device / dtype. q, k, v: [B, H, T, D], the same H."""
+    try:
+        if q.is_cuda:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+        else:
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    except torch.OutOfMemoryError:
+        raise
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        _log_once(f"fused causal attention with log-sum-exp unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                  "full-attention layers with sinks use the fp32 blockwise softmax (slow at long context)")
+        return None
+    return out[0], out[1]
+
+
+def _sink_attention_fused(q, k, v, scale, sinks) -> torch.Tensor | None:
+    """Full causal attention with per-head sink logits from the fused kernel -> [B, T, Hq, D] (None: no kernel).
+
+    softmax over ``[scores_i, sink]`` = softmax over ``scores_i`` times ``Z_i / (Z_i + e^sink)``
+    = ``out_i * sigmoid(lse_i - sink)``, with ``lse_i = log Z_i`` from the kernel: exact, no [T, T] tensor."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1:   # the aten op wants as many key/value heads as query heads (kv head h serves queries h*G .. h*G+G-1)
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    res = _causal_attention_with_lse(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+    if res is None:
+        return None
+    out_BHTD, lse_BHT = res
+    lse_BHT = lse_BHT[..., :q.shape[2]]          # some kernels pad the lse's sequence dimension
+    if sinks is not None:
+        gate_BHT = torch.sigmoid(lse_BHT.float() - sinks.float()[None, :, None])
+        out_BHTD = (out_BHTD.float() * gate_BHT[..., None]).to(q.dtype)
+    return out_BHTD.transpose(1, 2)
 
 
 @functools.cache

@@ -81,3 +81,27 @@ def test_window_and_sinks_change_the_answer():
     # tiny blocks (several query blocks per window) give the same result
     torch.testing.assert_close(_sink_attention_blockwise(q, k, v, 8 ** -0.5, 3, sinks, 1),
                                _sink_attention_blockwise(q, k, v, 8 ** -0.5, 3, sinks, 1 << 30))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_full_attention_with_sinks_equals_the_blockwise_softmax(dtype, tol):
+    """Full-attention layers run the fused causal kernel and gate its output by sigmoid(lse - sink): the same as
+    the fp32 softmax over [scores, sink] (GQA 4 query heads on 2 kv heads, packed segments of uneven length)."""
+    from stage2_hidden.capture import _sink_attention_fused, sink_attention
+
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 4, 29, 16, dtype=dtype) * 2 for _ in range(3))
+    k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
+    sinks = torch.randn(4) * 2
+    fused = _sink_attention_fused(q, k, v, 16 ** -0.5, sinks)
+    assert fused is not None, "this torch has no fused causal kernel with log-sum-exp on CPU"
+    ref = _sink_attention_blockwise(q, k, v, 16 ** -0.5, None, sinks, 1 << 20)
+    torch.testing.assert_close(fused.float(), ref.float(), atol=tol, rtol=tol)
+    # packed: attention never crosses a segment border, window layers keep the blockwise path
+    segments = [(0, 7), (7, 8), (8, 29)]
+    for window in (None, 5):
+        packed = sink_attention(q, k, v, segments, 16 ** -0.5, window, sinks)
+        for start, end in segments:
+            alone = _sink_attention_blockwise(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                              16 ** -0.5, window, sinks, 1 << 20)
+            torch.testing.assert_close(packed[:, start:end].float(), alone.float(), atol=tol, rtol=tol)
