@@ -29,6 +29,7 @@ class HiddenConfig:
     limit: int | None = None
     writer_queue: int = 2
     writer_threads: int = 2
+    allow_empty: bool = False  # an input that yields no rows is an error (stage 3 would have nothing to train on)
 
     def __post_init__(self):
         if self.on_too_long not in ("truncate", "skip"):

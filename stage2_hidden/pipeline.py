@@ -2,9 +2,13 @@
 
 Determinism and resume: shard k holds the kept rows [k*R, (k+1)*R) of the input order (or the rows up
 to ``shard_bytes``), packed into forwards greedily inside the shard only, so its bytes depend on its own
-rows alone. A shard is complete iff its final file exists (shards.py); a restart renders the input
-again (cheap), skips complete shards and recomputes the others. With ``torchrun`` rank r computes
-shards r, r+W, ...; rank 0 writes the vocabulary and the manifest after a barrier.
+rows alone. A shard is complete iff its final file and its record exist and the file still hashes to the record
+(shards.py ``shard_info``: re-hashed on every restart, so a damaged shard is rewritten, not carried into a new
+manifest); a restart renders the input again (cheap), keeps complete shards and recomputes the others. With
+``torchrun`` rank r computes shards r, r+W, ...; rank 0 writes the vocabulary and the manifest after a barrier.
+
+Failures say what to do: a full disk names the folder and what the remaining shards need (bytes per token x their
+tokens); an input that yields no rows stops the run (``hidden.allow_empty=true`` writes the empty shard set).
 
 On CUDA the device->host copy of a forward's outputs goes to a ring of pinned buffers on a side stream and
 a writer thread waits on its event before writing them, so the copy and the disk I/O overlap the next
@@ -13,9 +17,11 @@ forwards and the host loop never synchronises with the device.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +37,7 @@ from common.target import TargetSpec, aux_layer_ids
 
 from .capture import HiddenCapture, load_target, pack_groups
 from .config import HiddenConfig
-from .format import PARTS, bytes_per_token, make_schema, quantize_fp8
+from .format import PARTS, bytes_per_token, make_schema, quantize_fp8, shard_name
 from .render import ChatRenderer, Rendered, RenderStats, fit_length, template_hash
 from .shards import ShardWriter, shard_info, write_manifest
 from .vocab import build_and_save_vocab
@@ -178,13 +184,26 @@ class HostStaging:
         return Staged(host_TW, host_T, host_TL, event, self.free, slot)
 
 
+class ShardWriteError(RuntimeError):
+    """A shard writer thread failed; the message says why (``disk_full``: no space left on the device)."""
+
+    def __init__(self, message: str, disk_full: bool = False):
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 class AsyncShardWriter:
     """Writer threads: shard k is opened, filled and closed by thread k % num_threads, in job order.
 
     Several threads write different shards at once (each shard also hashes and flushes on its own helper
     threads, see ``ShardWriter``), so closing one shard does not hold up the rows of the next. The rows are
     hashed straight from the staging buffer, which goes back to the ring once they are.
-    ``max_queue`` bounds the jobs waiting per thread."""
+    ``max_queue`` bounds the jobs waiting per thread. The first error stops all writing; ``put`` and ``finish``
+    raise it as a ``ShardWriteError``."""
 
     def __init__(self, out_dir: Path, schema, max_queue: int = 2, num_threads: int = 1):
         self.out_dir, self.schema = out_dir, schema
@@ -199,8 +218,16 @@ class AsyncShardWriter:
         if self.error:
             if job[0] == "rows":
                 job[2].release()
-            raise RuntimeError("shard writer failed") from self.error
+            raise self._failure() from self.error
         self.queues[job[1] % len(self.queues)].put(job)
+
+    def _failure(self) -> ShardWriteError:
+        e = self.error
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(self.out_dir).free  # the failed shard's temp file is deleted by now
+            return ShardWriteError(f"no space left on device writing shards to {self.out_dir} ({_gib(free)} free "
+                                   "there now)", disk_full=True)
+        return ShardWriteError(f"shard writer failed writing to {self.out_dir}: {type(e).__name__}: {e}")
 
     def _loop(self, jobs: queue.Queue) -> None:
         writer = None
@@ -224,21 +251,25 @@ class AsyncShardWriter:
                     writer.close()
                     writer = None
             except BaseException as e:  # surfaced to the main thread on the next put / finish
-                self.error = e
                 if writer is not None:
                     writer.abort()  # joins the hasher: nothing reads the staging buffer after this
                     writer = None
+                self.error = self.error or e  # after abort: the temp file's space is free when it is reported
             finally:
                 if job[0] == "rows" and not handed_over:
                     job[2].release()
 
-    def finish(self) -> None:
+    def join(self) -> None:
+        """Let every thread finish its queue (all of it skipped after an error) and end."""
         for q in self.queues:
             q.put(None)
         for t in self.threads:
             t.join()
+
+    def finish(self) -> None:
+        self.join()
         if self.error:
-            raise RuntimeError("shard writer failed") from self.error
+            raise self._failure() from self.error
 
 
 def capture_shard(cap: HiddenCapture, writer: AsyncShardWriter, staging: HostStaging, index: int,
@@ -318,6 +349,8 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
     plan = plan_shards(iter_rendered(hcfg, renderer, max_length, stats), hcfg.rows_per_shard,
                        hcfg.shard_bytes, row_bytes)
     num_shards, computed_tokens = _capture_all(plan, target, hcfg, fields, out_dir, world_info)
+    if stats.rendered == 0 and not hcfg.allow_empty:  # every rank read the same input: all raise, none waits
+        raise ValueError(_empty_message(hcfg, stats))
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
@@ -325,39 +358,78 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
     return _finalize(out_dir, num_shards, fields, stats, time.time() - t0, computed_tokens)
 
 
+def _empty_message(hcfg: HiddenConfig, stats: RenderStats) -> str:
+    why = ("it has no conversations" if stats.input == 0 else
+           f"all {stats.input} of its conversations were skipped ({stats.skipped})")
+    return (f"stage 2 found nothing to write: hidden.input={hcfg.input}: {why}, so stage 3 would have nothing to "
+            "train on. Check the input (did stage 1 write any conversations? is hidden.limit or hidden.max_length "
+            "too small?), or set hidden.allow_empty=true to write an empty shard set anyway")
+
+
 def _capture_all(plan, target, hcfg, fields, out_dir, world_info: World) -> tuple[int, int]:
-    """Compute this rank's missing shards; returns (number of shards in the plan, tokens computed)."""
+    """Compute this rank's missing shards; returns (number of shards in the plan, tokens computed). A full disk is a
+    ``ShardWriteError`` saying what the shards still to write need."""
     from tqdm import tqdm
 
     rank, world = world_info.rank, world_info.world_size
 
     cap = writer = staging = None
     num_shards = tokens = 0
+    queued: dict[int, int] = {}  # shard index -> tokens, for the shards handed to the writer
     bar = tqdm(desc=f"stage2 rank {rank}", unit="shard", disable=rank != 0)
-    for index, rows in plan:
-        num_shards = index + 1
-        bar.update(1)
-        if index % world != rank or shard_info(out_dir, index) is not None:
-            continue
-        if cap is None:  # load the target only when there is work
-            model = load_target(target.path, hcfg.dtype or target.dtype, world_info.device, hcfg.device_map,
-                                target.trust_remote_code)
-            cap = HiddenCapture(model, fields["layer_ids"], hcfg.lm_head_chunk)
-            width = len(fields["layer_ids"]) * fields["hidden_size"]
-            schema = make_schema(width, fields["layer_ids"], fields["dtype"])
-            writer = AsyncShardWriter(out_dir, schema, hcfg.writer_queue, hcfg.writer_threads)
-            staging = HostStaging(hcfg.writer_queue + 1, hcfg.batch_tokens, width, cap.device, fields["dtype"],
-                                  len(fields["layer_ids"]))
-        tokens += capture_shard(cap, writer, staging, index, rows, hcfg.batch_tokens)
-        bar.set_postfix(tokens=tokens)
-    bar.close()
-    if writer is not None:
-        writer.finish()
+    try:
+        for index, rows in plan:
+            num_shards = index + 1
+            bar.update(1)
+            if index % world != rank or shard_info(out_dir, index, verify=True) is not None:
+                continue
+            if cap is None:  # load the target only when there is work
+                model = load_target(target.path, hcfg.dtype or target.dtype, world_info.device, hcfg.device_map,
+                                    target.trust_remote_code)
+                cap = HiddenCapture(model, fields["layer_ids"], hcfg.lm_head_chunk)
+                width = len(fields["layer_ids"]) * fields["hidden_size"]
+                schema = make_schema(width, fields["layer_ids"], fields["dtype"])
+                writer = AsyncShardWriter(out_dir, schema, hcfg.writer_queue, hcfg.writer_threads)
+                staging = HostStaging(hcfg.writer_queue + 1, hcfg.batch_tokens, width, cap.device, fields["dtype"],
+                                      len(fields["layer_ids"]))
+            queued[index] = sum(len(r.input_ids) for r in rows)
+            tokens += capture_shard(cap, writer, staging, index, rows, hcfg.batch_tokens)
+            bar.set_postfix(tokens=tokens)
+        if writer is not None:
+            writer.finish()
+    except ShardWriteError as e:
+        writer.join()
+        if not e.disk_full:
+            raise
+        raise _disk_full(e, plan, queued, fields, out_dir, rank, world) from e.__cause__
+    finally:
+        bar.close()
     return num_shards, tokens
 
 
+def _disk_full(e: ShardWriteError, rest, queued: dict[int, int], fields: dict, out_dir: Path, rank: int,
+               world: int) -> ShardWriteError:
+    """The full-disk error with what this rank's unwritten shards need: bytes per token (format.bytes_per_token,
+    Arrow's few hundred bytes per row aside) x their tokens, counted by rendering the rest of the input (cheap next
+    to the forwards already done)."""
+    log.info("disk full: counting the tokens of the shards still to write (rendering the rest of the input)")
+    left = {k: n for k, n in queued.items() if not (out_dir / shard_name(k)).exists()}
+    for index, rows in rest:
+        if index % world == rank and not (out_dir / shard_name(index)).exists():
+            left[index] = sum(len(r.input_ids) for r in rows)
+    num_aux = len(fields["layer_ids"])
+    per_token = bytes_per_token(num_aux * fields["hidden_size"], num_aux, fields["dtype"])
+    num_tokens = sum(left.values())
+    whose = "" if world == 1 else f" of rank {rank}"
+    return ShardWriteError(
+        f"{e}; the {len(left)} shards{whose} still to write need about {_gib(per_token * num_tokens)} "
+        f"({per_token} bytes/token x {num_tokens:,} tokens). Free that much space in {out_dir} (or point "
+        "hidden.output at a larger disk and move the folder there), then run the same command again: the complete "
+        "shards are kept", disk_full=True)
+
+
 def _finalize(out_dir: Path, num_shards: int, fields: dict, stats: RenderStats, elapsed: float, computed: int) -> dict:
-    infos = [shard_info(out_dir, i) for i in range(num_shards)]
+    infos = [shard_info(out_dir, i) for i in range(num_shards)]  # re-hashed by their ranks already
     missing = [i for i, info in enumerate(infos) if info is None]
     if missing:
         raise RuntimeError(f"shards {missing[:8]} missing after all ranks finished")

@@ -32,7 +32,10 @@ class TrainConfig:
     grad_accum: int = 1            # micro-batches per optimizer step; global batch = world * batch_rows * grad_accum
     val_fraction: float = 0.02     # share of conversations held out for validation (by a hash of their id)
     val_max_rows: int = 64         # at most this many validation rows per evaluation (0 = all)
-    verify_shards: bool = False    # sha256 every shard before training (slow on TBs of shards)
+    # shard integrity as rows are read (stage2_hidden/reader.py): the manifest against each shard's own record at
+    # open, then each row's sha256 the first time the loader's background thread collates it (old shards without
+    # per-row sums: the whole shard on first read); a mismatch stops training naming the shard. false skips it
+    verify_shards: bool = True
     layer_ids: list[int] | None = None  # aux layer ids the shards must have (vLLM ids); None = (2, N//2, N-3)
     # ---- model / TTT ----
     ttt_steps: int = 7             # unrolled training-time-test steps k

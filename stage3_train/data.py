@@ -12,6 +12,10 @@ r, r+W, r+2W, ... So one process with grad_accum=2 sees exactly the rows two pro
 the global batch of a step does not depend on W. The tail of an epoch that does not fill every rank is dropped.
 The state (version, world size, epoch, micro-step) goes into the checkpoint; resuming continues at the next
 micro-batch, identically.
+
+Integrity: `collate` asks a source that can check its bytes (stage 2's ShardDataset, `check_row`) to check each row
+it reads, so with the Prefetcher the sha256 of a row runs in the background thread, once per row, on bytes it is
+about to copy anyway; a damaged shard stops training with a ShardIntegrityError naming it (`train.verify_shards`).
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ OPEN_ROWS = 8  # first-fit looks at this many open rows; more gives fuller rows,
 
 
 class RowSource(Protocol):
-    """What the loader needs from stage 2's ShardDataset (tests may pass any object with these)."""
+    """What the loader needs from stage 2's ShardDataset (tests may pass any object with these). A source may also
+    have `check_row(i)` (raise if row i's bytes are damaged); `collate` calls it before reading each row."""
 
     def __len__(self) -> int: ...
     def num_tokens(self, i: int) -> int: ...
@@ -168,10 +173,13 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
     hidden_BLW = scale_BLn = None
     ids: list[list[str]] = []
     sq_tokens = 0  # sum of squared conversation lengths: attention FLOPs for MFU
+    check_row = getattr(source, "check_row", None)
     for b, row in enumerate(rows):
         ids.append([])
         t = 0
         for d, seg in enumerate(row):
+            if check_row is not None:
+                check_row(seg.row)
             item = source[seg.row]
             n, span = seg.length, slice(t, t + seg.length)
             ints["input_ids"][b, span] = item["input_ids"][:n].long()
@@ -334,11 +342,13 @@ def eval_batches(source: RowSource, indices: Sequence[int], *, max_tokens: int, 
         yield collate(source, rows, pad_multiple, hidden_part)
 
 
-def open_shards(path: str, verify: bool = False):
-    """Stage 2's ShardDataset over `path` (memory-mapped; sha256 of every shard when `verify`)."""
+def open_shards(path: str, verify: bool = True):
+    """Stage 2's ShardDataset over `path`, memory-mapped. `verify` (train.verify_shards): the manifest is checked
+    against each shard's own record now and each row's sha256 as `collate` first reads it (stage2_hidden/reader.py);
+    False skips both."""
     from stage2_hidden.reader import ShardDataset
 
-    return ShardDataset(path, verify=verify)
+    return ShardDataset(path, check_reads=verify)
 
 
 def check_manifest(manifest: dict[str, Any], target_cfg: dict[str, Any], layer_ids: Sequence[int] | None,

@@ -73,9 +73,76 @@ def test_shards_match_hf_forward(tmp_path, smollm2_dir):
 
 def test_too_long_skipped_and_counted(tmp_path, smollm2_dir):
     inp = write_conversations(tmp_path / "convs.jsonl", 3)
-    manifest = run(*config(smollm2_dir, inp, tmp_path / "out", max_length=40, on_too_long="skip"))
+    with pytest.raises(ValueError, match=r"nothing to write.*all 3 of its conversations were skipped.*too_long"):
+        run(*config(smollm2_dir, inp, tmp_path / "out", max_length=40, on_too_long="skip"))
+    manifest = run(*config(smollm2_dir, inp, tmp_path / "out", max_length=40, on_too_long="skip", allow_empty=True))
     assert manifest["num_rows"] == 0 and manifest["shards"] == []
     assert manifest["accounting"]["skipped"] == {"too_long": 3}
+
+
+def test_empty_input_exits_non_zero_unless_allowed(tmp_path, smollm2_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(_cli(smollm2_dir, empty, tmp_path / "out"), cwd=REPO, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode != 0
+    assert f"hidden.input={empty}: it has no conversations" in res.stderr and "hidden.allow_empty=true" in res.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    manifest = run(*config(smollm2_dir, empty, tmp_path / "allowed", allow_empty=True))
+    assert manifest["num_rows"] == 0 and manifest["accounting"]["input"] == 0
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.arrow")) + [folder / "vocab.safetensors"]}
+
+
+def _without_timing(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in ("created_at", "elapsed_s")}
+
+
+def test_resume_rewrites_a_damaged_complete_shard(tmp_path, smollm2_dir, caplog):
+    inp = write_conversations(tmp_path / "convs.jsonl", 5)
+    cfg = config(smollm2_dir, inp, tmp_path / "out")
+    clean = run(*cfg)
+    before = _snapshot(tmp_path / "out")
+    shard = tmp_path / "out" / "shard-00001.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in a complete shard; manifest and record untouched
+    shard.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="eagle3.stage2"):
+        again = run(*cfg)
+    assert f"{shard}: sha256 mismatch" in caplog.text and "rewriting it" in caplog.text
+    assert _snapshot(tmp_path / "out") == before  # rewritten byte for byte as the clean run wrote it
+    assert _without_timing(again) == _without_timing(clean)
+    ShardDataset(tmp_path / "out", verify=True)
+
+
+def test_full_disk_says_what_the_rest_needs(tmp_path, smollm2_dir, monkeypatch):
+    import errno
+    import re
+
+    from stage2_hidden.format import bytes_per_token
+    from stage2_hidden.pipeline import ShardWriteError
+    from stage2_hidden.shards import _HashingSink
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    inp = write_conversations(tmp_path / "convs.jsonl", 5)
+    out = tmp_path / "out"
+    monkeypatch.setattr(_HashingSink, "write", full)
+    with pytest.raises(ShardWriteError) as info:
+        run(*config(smollm2_dir, inp, out))
+    message = str(info.value)
+    assert message.startswith(f"no space left on device writing shards to {out} (") and "same command" in message
+    found = re.search(r"the 3 shards still to write need about [\d.]+ GiB \((\d+) bytes/token x ([\d,]+) tokens\)",
+                      message)
+    assert found, message
+    monkeypatch.undo()
+    manifest = run(*config(smollm2_dir, inp, out))  # space back: the same command finishes the run
+    assert int(found[1]) == bytes_per_token(3 * 576, 3, "bfloat16")
+    assert int(found[2].replace(",", "")) == manifest["num_tokens"]
 
 
 def test_settings_change_refused(tmp_path, smollm2_dir):

@@ -87,6 +87,35 @@ def test_missing_manifest(tmp_path):
         ShardDataset(tmp_path)
 
 
+def test_unparsable_manifest_named(tmp_path):
+    write_shards(tmp_path, make_rows(2), FIELDS, rows_per_shard=2)
+    mpath = tmp_path / "manifest.json"
+    mpath.write_text(mpath.read_text()[:-40])  # cut short
+    with pytest.raises(ValueError, match=rf"{mpath}: not valid JSON.*re-run stage 2"):
+        ShardDataset(tmp_path)
+
+
+def test_resume_rewrites_a_damaged_complete_shard(tmp_path, caplog):
+    """shard_info(verify=True), as a restarted stage 2 calls it: a complete shard is kept only if it still hashes
+    to its record; a damaged one (or one without a record) is deleted with a warning naming it."""
+    from stage2_hidden.shards import shard_info
+
+    write_shards(tmp_path, make_rows(6), FIELDS, rows_per_shard=2)
+    kept = shard_info(tmp_path, 0, verify=True)
+    assert kept == json.loads((tmp_path / ".parts" / "shard-00000.arrow.json").read_text())
+    path = tmp_path / "shard-00001.arrow"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert shard_info(tmp_path, 1) is not None  # without verify: trusted (the manifest's last pass, same run)
+    with caplog.at_level("WARNING", logger="eagle3.stage2"):
+        assert shard_info(tmp_path, 1, verify=True) is None
+    assert "shard-00001.arrow: sha256 mismatch" in caplog.text and "rewriting it" in caplog.text
+    assert not path.exists() and not (tmp_path / ".parts" / "shard-00001.arrow.json").exists()
+    (tmp_path / ".parts" / "shard-00002.arrow.json").unlink()  # killed between the rename and the record
+    assert shard_info(tmp_path, 2, verify=True) is None and not (tmp_path / "shard-00002.arrow").exists()
+
+
 def test_build_vocab_by_hand():
     counts = np.array([5, 0, 9, 9, 1, 7, 0, 3], dtype=np.int64)
     d2t, t2d, coverage = build_vocab(counts, 3)
@@ -139,6 +168,12 @@ def test_writer_hash_follows_large_rows(tmp_path):
     data = (tmp_path / info["file"]).read_bytes()
     assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["bytes"] == len(data)
     assert info["rows"] == 3 and info["tokens"] == 14003
+    # the per-row sums tile the file: each row's byte range, then the footer
+    offsets = info["row_offsets"]
+    assert len(offsets) == 4 and offsets[0] == 0 and offsets[-1] < len(data)
+    assert info["row_sha256"] == [hashlib.sha256(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]
+    assert info["tail_sha256"] == hashlib.sha256(data[offsets[-1]:]).hexdigest()
+    assert offsets[2] - offsets[1] < 20_000 < offsets[3] - offsets[2]  # row 1 is the 3-token one
     assert threading.active_count() == before and not list(tmp_path.glob(".tmp-*"))
 
 
@@ -177,6 +212,29 @@ def test_async_writer_error_surfaces_and_frees_buffers(tmp_path):
     with pytest.raises(RuntimeError, match="shard writer failed"):
         writer.finish()
     assert ring.get_nowait() == ["buffer"] and not list(tmp_path.glob("*.arrow"))
+
+
+def test_full_disk_is_named_with_the_folder(tmp_path, monkeypatch):
+    import errno
+
+    from stage2_hidden.pipeline import AsyncShardWriter, ShardWriteError, Staged
+    from stage2_hidden.render import Rendered
+    from stage2_hidden.format import make_schema
+    from stage2_hidden.shards import _HashingSink
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_HashingSink, "write", full)
+    row = Rendered("c0", np.zeros(4, np.int32), np.ones(4, np.uint8), "template")
+    writer = AsyncShardWriter(tmp_path, make_schema(3 * H, LAYERS), 2, 1)
+    writer.put(("open", 0))
+    writer.put(("rows", 0, Staged(torch.zeros(4, 3 * H, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.int32)),
+                [(row, 0, 4)]))
+    writer.put(("close", 0))
+    with pytest.raises(ShardWriteError, match=rf"no space left on device writing shards to {tmp_path} \(") as info:
+        writer.finish()
+    assert info.value.disk_full and not list(tmp_path.glob(".tmp-*"))  # the partial shard gave its space back
 
 
 def test_staging_views_disjoint_and_aligned():
