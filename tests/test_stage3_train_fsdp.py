@@ -49,3 +49,13 @@ def test_two_processes_match_one(tmp_path, tiny_stage3, param_dtype, rtol):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=rtol), (ra, rb)
         assert rb["acc"] == pytest.approx(ra["acc"], abs=0.02 if param_dtype == "bfloat16" else 1e-9), (ra, rb)
     assert (tmp_path / "two/checkpoints/step-4/__1_0.distcp").is_file()  # both ranks wrote their shard
+    # the safe copy of the weights (what export and evaluation read) is gathered whole on rank 0: the same
+    # tensors as the one-process run's
+    from safetensors.torch import load_file
+
+    full_one = load_file(tmp_path / "one/checkpoints/step-4/model.safetensors")
+    full_two = load_file(tmp_path / "two/checkpoints/step-4/model.safetensors")
+    assert full_two.keys() == full_one.keys() and "fc.weight" in full_two
+    for name, tensor in full_one.items():
+        assert full_two[name].shape == tensor.shape, name
+        torch.testing.assert_close(full_two[name].float(), tensor.float(), atol=10 * rtol, rtol=10 * rtol)
