@@ -27,8 +27,29 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def config_yaml(resolved: dict[str, Any]) -> str:
-    """The resolved config as the YAML saved beside every output (`config.yaml`)."""
-    return yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    """The resolved config as the YAML saved beside every output (`config.yaml`), secrets redacted: every
+    ``extra_args`` list (server flags such as ``--api-key X``) and ``env`` mapping (``VLLM_API_KEY``, ...) of any
+    section goes through ``common.server``'s redaction, so no command writes a key into its output folder."""
+    return yaml.safe_dump(redacted(resolved), sort_keys=False, allow_unicode=True)
+
+
+def redacted(node: Any) -> Any:
+    """``node`` with the values of secret server flags and environment variables replaced (recursively)."""
+    from common.server import redact_args, redact_env
+
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "extra_args" and isinstance(value, list):
+                out[key] = redact_args(value)
+            elif key == "env" and isinstance(value, dict):
+                out[key] = redact_env(value)
+            else:
+                out[key] = redacted(value)
+        return out
+    if isinstance(node, list):
+        return [redacted(v) for v in node]
+    return node
 
 
 def hydra_entry(config_name: str, run: Callable[[dict[str, Any]], Any]) -> Callable[[], None]:

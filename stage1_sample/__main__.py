@@ -20,8 +20,8 @@ import yaml
 from common.entry import config_yaml, hydra_entry
 from common.files import atomic_write_text
 from common.logs import get_logger
-from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, parses_tool_calls, redact_args,
-                           redact_env, request_model_name, returns_token_ids, server_command)
+from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, parses_tool_calls,
+                           request_model_name, returns_token_ids, server_command)
 from common.target import TargetSpec
 
 from .client import ChatClient, api_key_from_env
@@ -58,14 +58,6 @@ def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
                          "use another sample.output_dir or the same settings")
 
 
-def redacted(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The config as saved in ``config.yaml``: secret values of the server's flags and environment replaced."""
-    server = resolved["sample"]["server"]
-    server = {**server, "extra_args": redact_args(list(server.get("extra_args") or [])),
-              "env": redact_env(dict(server.get("env") or {}))}
-    return {**resolved, "sample": {**resolved["sample"], "server": server}}
-
-
 def input_records(cfg: SampleConfig) -> Iterator[Conversation | Skipped] | None:
     """The input's records, or None when it has none (found before a server is started for nothing)."""
     records = load_conversations(cfg.input, limit=cfg.num_prompts)
@@ -89,7 +81,7 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
                              "split; sample.allow_empty=true accepts an empty run)")
         log.warning("sample.input=%r has no records (sample.allow_empty=true): writing an empty manifest", cfg.input)
     writer = ConversationWriter(out_dir, cfg.format, cfg.rows_per_shard, resume=cfg.resume)
-    atomic_write_text(out_dir / "config.yaml", config_yaml(redacted(resolved)))
+    atomic_write_text(out_dir / "config.yaml", config_yaml(resolved))   # secret flags and env values redacted
     sampling = cfg.sampling_params()
     sampling["chat_template_kwargs"] = {**target.chat_template_kwargs, **cfg.chat_template_kwargs}
     launched = bool(cfg.server.launch and not cfg.server.urls and items is not None)

@@ -215,3 +215,18 @@ def test_redaction_of_secret_flags_and_environment():
                                  "--enforce-eager"]
     assert redact_env({"VLLM_API_KEY": "s", "HF_TOKEN": "s", "VLLM_CPU_KVCACHE_SPACE": "2"}) == \
         {"VLLM_API_KEY": "<redacted>", "HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def test_every_saved_config_redacts_server_secrets():
+    """`config.yaml` of any command (stage 1, serving benchmark, ...) never holds a key given as a flag or env."""
+    import yaml
+
+    from common.entry import config_yaml
+
+    resolved = {"bench": {"extra_args": ["--api-key", "k1", "--max-num-seqs", "8"], "env": {"HF_TOKEN": "k2"}},
+                "sample": {"server": {"extra_args": ["--api-key=k3"], "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}}}
+    text = config_yaml(resolved)
+    assert not {"k1", "k2", "k3"} & set(text.replace("=", " ").split())
+    saved = yaml.safe_load(text)
+    assert saved["bench"]["extra_args"] == ["--api-key", "<redacted>", "--max-num-seqs", "8"]
+    assert saved["sample"]["server"]["env"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
