@@ -33,15 +33,16 @@ so ids are unique (resume relies on it).
 """
 from __future__ import annotations
 
-import contextlib
-import gzip
 import json
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from common.files import sha256_file
+
+# Skipped and InputFileError live with the text-file readers, which yield and raise them; they are re-exported
+# here, and ``from stage1_sample.formats import ...`` stays the way to reach them
+from .json_files import InputFileError, Skipped, json_value_records, jsonl_records, parse_json, reading, text_layout
 
 ROLE_MAP = {
     "system": "system",
@@ -57,9 +58,6 @@ SAMPLE_FORMAT = "eagle3-sample/1"
 # names stage1_sample.writer gives the files of an output folder before its manifest exists
 STAGE1_FILE_PATTERNS = ("shard-[0-9][0-9][0-9][0-9][0-9].jsonl", "shard-[0-9][0-9][0-9][0-9][0-9].parquet",
                         "shard-[0-9][0-9][0-9][0-9][0-9].jsonl.partial", "skipped.jsonl", "failed.jsonl")
-_HEAD = 4096              # characters read to sniff a text file's layout
-_CHUNK = 1 << 20          # characters read at a time from a JSON array
-_MAX_RECORD = 256 << 20   # a JSON record larger than this is treated as broken
 
 
 @dataclass
@@ -73,21 +71,6 @@ class Conversation:
         if self.tools:
             out["tools"] = self.tools
         return out
-
-
-@dataclass
-class Skipped:
-    id: str
-    reason: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class InputFileError(ValueError):
-    """An input that cannot be read at all (not one bad record): the message names the path and the problem."""
-
-    def __init__(self, path: str | Path, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = Path(path), problem
 
 
 def load_conversations(spec: str | Path, limit: int | None = None) -> Iterator[Conversation | Skipped]:
@@ -199,7 +182,7 @@ def _list_field(value: Any, name: str, of: type | None = None) -> list[Any] | No
     """``value`` as a list (decoded first when it is JSON text), None when it is null, or an error string.
     With ``of``, every item must be an instance of it (tool calls and tool definitions are objects)."""
     if isinstance(value, str):
-        value, error = _parse_json(value)
+        value, error = parse_json(value)
         if error:
             return f"{name} is a string that is not JSON ({error})"
     if value is None:
@@ -219,16 +202,6 @@ def _type_name(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _parse_json(text: str) -> tuple[Any, str | None]:
-    """(value, None), or (None, why ``text`` is not a JSON value)."""
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as e:
-        return None, e.msg
-    except RecursionError:  # json's C decoder recurses once per nesting level
-        return None, "nested too deeply"
-
-
 def _json_problem(conv: Conversation) -> str | None:
     """Why ``conv`` cannot travel as UTF-8 JSON, or None. Both stages need it to: stage 1 sends it in a request
     body and appends it to a shard, stage 2 hands its text to the tokenizer."""
@@ -245,7 +218,7 @@ def _json_problem(conv: Conversation) -> str | None:
 
 def _describe_surrogate(char: str) -> str:
     code = ord(char)
-    if 0xDC80 <= code <= 0xDCFF:  # what _open_text turns a byte that is not UTF-8 into (surrogateescape)
+    if 0xDC80 <= code <= 0xDCFF:  # what json_files._open_text turns a byte that is not UTF-8 into (surrogateescape)
         return f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8 (or a lone surrogate \\u{code:04x})"
     return f"a lone surrogate \\u{code:04x}"
 
@@ -279,138 +252,11 @@ def _file_records(path: Path) -> Iterator[Any]:
     if path.suffix.lower() == ".parquet":
         yield from _parquet_records(path)
         return
-    layout = _text_layout(path)
+    layout = text_layout(path)
     if layout == "lines":
-        yield from _jsonl_records(path)
+        yield from jsonl_records(path)
     else:
-        yield from _json_value_records(path, in_array=layout == "array")
-
-
-def _open_text(path: Path) -> Any:
-    """``path`` (gzip-compressed when it ends in .gz) as UTF-8 text. ``utf-8-sig`` drops a leading byte-order mark;
-    ``surrogateescape`` turns a byte that is not UTF-8 into a lone surrogate (U+DC80..U+DCFF), so it costs the
-    record it lands in (``_json_problem``) instead of the whole file; ``newline=""`` keeps the text as written
-    (lines still split at \\r, \\n and \\r\\n; JSON reads \\r as whitespace)."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
-
-
-@contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
-    """Turn a failure to read ``path`` (unreadable, a cut or corrupt gzip stream) into an ``InputFileError``."""
-    try:
-        yield
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut stream an EOFError
-        broken_gzip = isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile))
-        hint = ": the gzip stream is cut or corrupt (re-download or re-compress it)" if broken_gzip else ""
-        raise InputFileError(path, f"cannot be read ({type(e).__name__}: {e}){hint}") from e
-
-
-def _text_layout(path: Path) -> str:
-    """``array`` (a JSON array), ``values`` (JSON values written over several lines: a pretty-printed object, or
-    several one after another) or ``lines`` (JSON lines), from how the file's first JSON value is written."""
-    with _reading(path), _open_text(path) as f:
-        buf = f.read(_HEAD).lstrip()
-        if not buf:
-            return "lines"  # no records
-        if buf.startswith("["):
-            return "array"
-        if not buf.startswith("{"):
-            raw = buf[:16].encode("utf-8", "surrogateescape")
-            is_utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))  # UTF-16's byte-order marks
-            utf16 = " (a UTF-16 byte-order mark: save it as UTF-8)" if is_utf16 else ""
-            raise InputFileError(path, "is not JSON: a JSON array, JSON object or JSON lines starts with [ or {, "
-                                       f"this file starts with {raw!r}{utf16}")
-        decoder = json.JSONDecoder()
-        while True:  # decode the first value; a JSON line never holds a newline (strings escape it)
-            try:
-                _, end = decoder.raw_decode(buf)
-                return "values" if "\n" in buf[:end] or "\r" in buf[:end] else "lines"
-            except json.JSONDecodeError as e:
-                if not _may_be_incomplete(e, buf) or len(buf) >= _MAX_RECORD:
-                    return "lines"  # a broken first line: JSON lines cost only that line
-            except RecursionError:
-                return "lines"
-            more = f.read(max(_CHUNK, len(buf)))  # doubling keeps re-decoding linear in the value's size
-            if not more:
-                return "lines"
-            buf += more
-
-
-def _may_be_incomplete(e: json.JSONDecodeError, buf: str) -> bool:
-    """The decoder stopped at the end of ``buf``: more text may complete the value."""
-    return e.msg.startswith("Unterminated") or e.pos >= len(buf) - 64
-
-
-def _jsonl_records(path: Path) -> Iterator[Any]:
-    with _reading(path), _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            value, error = _parse_json(line)
-            yield value if error is None else Skipped(f"{path.name}:{lineno}", f"broken JSON on line {lineno}: {error}")
-
-
-def _json_value_records(path: Path, in_array: bool) -> Iterator[Any]:
-    """Decode a top-level JSON array (``in_array``), or JSON values written one after another, one value at a
-    time (constant memory, tolerant of a cut tail).
-
-    After a broken record we resynchronise on the text that opened the first record (e.g. ``\\n  {\\n
-    "id"``), so a record broken in the middle of the file costs that record only.
-    """
-    decoder = json.JSONDecoder()
-    separators = " \t\r\n," if in_array else " \t\r\n"
-    with _reading(path), _open_text(path) as f:
-        buf, eof, index, opening = f.read(_CHUNK), False, 0, None
-        pos = buf.index("[") + 1 if in_array else 0
-        while True:
-            while True:  # skip separators, refilling the buffer as needed
-                while pos < len(buf) and buf[pos] in separators:
-                    pos += 1
-                if pos < len(buf) or eof:
-                    break
-                buf, pos = buf[pos:] + f.read(_CHUNK), 0
-                eof = len(buf) == 0
-            if pos >= len(buf) or (in_array and buf[pos] == "]"):
-                return
-            if opening is None:
-                opening = _record_opening(buf, pos)
-            try:
-                record, end = decoder.raw_decode(buf, pos)
-            except (json.JSONDecodeError, RecursionError) as e:
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-                incomplete = isinstance(e, json.JSONDecodeError) and _may_be_incomplete(e, buf)
-                if incomplete and not eof and len(buf) - pos < _MAX_RECORD:  # read more, retry
-                    more = f.read(max(_CHUNK, len(buf) - pos))
-                    buf, pos, eof = buf[pos:] + more, 0, more == ""
-                    continue
-                yield Skipped(f"{path.name}:{index}", f"broken JSON in record {index}: {msg}")
-                index += 1
-                nxt = buf.find(opening, pos + 1) if opening else -1
-                if nxt < 0:  # nothing decodable after it (the usual case: the file is cut mid-record)
-                    return
-                pos = nxt
-                continue
-            yield record
-            index += 1
-            pos = end
-            if pos > _CHUNK and not eof:  # drop consumed text, top up
-                more = f.read(_CHUNK)
-                buf, pos, eof = buf[pos:] + more, 0, more == ""
-
-
-def _record_opening(buf: str, pos: int) -> str:
-    """The text that opens the object at ``pos``, from its line's start to its first key (``'\\n  {\\n    "id"'``):
-    records written by one program open alike, so the next one after a broken record is found by searching for
-    it. Empty (no resynchronisation) when the record is not an object with a key."""
-    if buf[pos] != "{":
-        return ""
-    key_start = buf.find('"', pos)
-    key_end = buf.find('"', key_start + 1) if key_start >= 0 else -1
-    if key_end < 0:
-        return ""
-    line_start = buf.rfind("\n", 0, pos)
-    return buf[line_start if line_start >= 0 else pos : key_end + 1]
+        yield from json_value_records(path, in_array=layout == "array")
 
 
 def _parquet_records(path: Path) -> Iterator[Any]:
@@ -446,7 +292,7 @@ def _stage1_manifest(folder: Path) -> dict[str, Any] | None:
     (``datasets`` would read its ``.partial`` shard and logs as data)."""
     manifest_path, manifest = folder / "manifest.json", None
     if manifest_path.is_file():
-        with _reading(manifest_path):
+        with reading(manifest_path):
             text = manifest_path.read_bytes()
         try:
             manifest = json.loads(text)
@@ -475,7 +321,7 @@ def _sample_dir_records(folder: Path, manifest: dict[str, Any]) -> Iterator[Any]
         file = folder / str(shard.get("file"))
         if not file.is_file():
             raise InputFileError(file, "is listed in manifest.json but missing")
-        with _reading(file):
+        with reading(file):
             matches = sha256_file(file) == shard.get("sha256")
         if not matches:
             raise InputFileError(file, "does not match the sha256 in manifest.json: it changed after stage 1 "
@@ -483,4 +329,4 @@ def _sample_dir_records(folder: Path, manifest: dict[str, Any]) -> Iterator[Any]
         if file.suffix == ".parquet":  # normalize_record parses the JSON-text tool_calls / tools of these rows
             yield from _parquet_records(file)
         else:
-            yield from _jsonl_records(file)
+            yield from jsonl_records(file)
