@@ -31,7 +31,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from common.target import default_aux_layer_ids as default_layer_ids  # noqa: E402
 from stage2_hidden.capture import HiddenCapture, pack_groups, prepare_model  # noqa: E402
-from stage2_hidden.pipeline import AsyncShardWriter, HostStaging, capture_shard  # noqa: E402
+from stage2_hidden.pipeline import AsyncShardWriter, capture_shard  # noqa: E402
+from stage2_hidden.staging import HostStaging  # noqa: E402
 from stage2_hidden.render import Rendered  # noqa: E402
 from stage2_hidden.format import make_schema  # noqa: E402
 

@@ -197,7 +197,8 @@ def test_async_writer_error_surfaces_and_frees_buffers(tmp_path):
     """A failing row: the error reaches the caller and the staging buffer goes back to the ring."""
     import queue
 
-    from stage2_hidden.pipeline import AsyncShardWriter, Staged
+    from stage2_hidden.pipeline import AsyncShardWriter
+    from stage2_hidden.staging import Staged
     from stage2_hidden.render import Rendered
     from stage2_hidden.format import make_schema
 
@@ -217,7 +218,8 @@ def test_async_writer_error_surfaces_and_frees_buffers(tmp_path):
 def test_full_disk_is_named_with_the_folder(tmp_path, monkeypatch):
     import errno
 
-    from stage2_hidden.pipeline import AsyncShardWriter, ShardWriteError, Staged
+    from stage2_hidden.pipeline import AsyncShardWriter, ShardWriteError
+    from stage2_hidden.staging import Staged
     from stage2_hidden.render import Rendered
     from stage2_hidden.format import make_schema
     from stage2_hidden.shards import _HashingSink
@@ -238,7 +240,7 @@ def test_full_disk_is_named_with_the_folder(tmp_path, monkeypatch):
 
 
 def test_staging_views_disjoint_and_aligned():
-    from stage2_hidden.pipeline import staging_bytes, staging_views
+    from stage2_hidden.staging import staging_bytes, staging_views
 
     for T, W in [(3, 5), (1, 1), (7, 96)]:
         buf = torch.zeros(staging_bytes(T, W), dtype=torch.uint8)
