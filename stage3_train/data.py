@@ -14,7 +14,7 @@ The state (version, world size, epoch, micro-step) goes into the checkpoint; res
 micro-batch, identically.
 
 Integrity: `collate` asks a source that can check its bytes (stage 2's ShardDataset, `check_row`) to check each row
-it reads, so with the Prefetcher the sha256 of a row runs in the background thread, once per row, on bytes it is
+it reads (under sequence parallelism only the rank holding slice 0 of the features checks), so with the Prefetcher the sha256 of a row runs in the background thread, once per row, on bytes it is
 about to copy anyway; a damaged shard stops training with a ShardIntegrityError naming it (`train.verify_shards`).
 """
 from __future__ import annotations
@@ -173,7 +173,10 @@ def collate(source: RowSource, rows: Sequence[Sequence[Segment]], pad_multiple: 
     hidden_BLW = scale_BLn = None
     ids: list[list[str]] = []
     sq_tokens = 0  # sum of squared conversation lengths: attention FLOPs for MFU
-    check_row = getattr(source, "check_row", None)
+    # sequence parallelism: the ranks of a group collate the same rows, each keeping a slice of the hidden features;
+    # slice 0's rank checks the whole row for all of them (a mismatch stops it, and so the group), so no rank pages
+    # in and hashes the bytes of slices it never reads
+    check_row = getattr(source, "check_row", None) if part == 0 else None
     for b, row in enumerate(rows):
         ids.append([])
         t = 0

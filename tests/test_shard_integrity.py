@@ -130,3 +130,17 @@ def test_the_trainer_stops_on_a_damaged_shard_set(tmp_path, tiny_stage3):
             _flip(folder / record["file"], (start + end) // 2)  # one byte inside every row
     with pytest.raises(ShardIntegrityError, match=r"shard-\d{5}\.arrow: sha256 mismatch in row \d+"):
         run(small_cfg(folder, tmp_path / "run"), {"path": str(target)})
+
+
+def test_sequence_parallel_group_checks_a_row_on_one_rank(tmp_path):
+    """Under sequence parallelism every rank of a group collates the same row, keeping one slice of its features:
+    the rank of slice 0 checks the whole row (and refuses a damaged one); the others do not hash it again."""
+    folder = _shard_set(tmp_path)
+    record = json.loads((folder / ".parts" / "shard-00000.arrow.json").read_text())
+    start, end = record["row_offsets"][1:3]
+    _flip(folder / "shard-00000.arrow", (start + end) // 2)
+    ds = ShardDataset(folder)
+    row = [[Segment(1, ds.num_tokens(1))]]
+    collate(ds, row, pad_multiple=16, hidden_part=(1, 2))   # slice 1's rank: no check, no error
+    with pytest.raises(ShardIntegrityError, match=r"shard-00000\.arrow: sha256 mismatch in row 1"):
+        collate(ds, row, pad_multiple=16, hidden_part=(0, 2))
