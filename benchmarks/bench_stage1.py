@@ -9,9 +9,9 @@
     # tiny check (a minute or two on a 2-core CPU):
     python benchmarks/bench_stage1.py --engine transformers --concurrency 8 --num-prompts 16 --max-tokens 32
 
-The server (SmolLM2-135M-Instruct unless ``--model``) is started ONCE with stage 1's launcher and command
-builder (``common.server.server_command`` + ``launch``, the same settings ``sample.server.launch=true``
-uses), so its start-up is outside every measurement; ``--servers N`` starts N of them (one port each, started
+The server (SmolLM2-135M-Instruct unless ``--model``) is started ONCE by the function that starts it for
+``sample.server.launch=true`` (``stage1_sample.__main__.stage1_server``: same command, parsers and bounds),
+so its start-up is outside every measurement; ``--servers N`` starts N of them (one port each, started
 together, then each waited for) and stage 1 spreads requests over them (``sample.server.urls``, round robin;
 ``--concurrency`` counts requests in flight over all of them). Then for each concurrency ``run_stage1`` itself
 runs (conf/sample.yaml composed with overrides: ``sample.server.urls=[those servers]``, the first N ShareGPT
@@ -40,10 +40,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common.server import (ENGINE_NAMES, ENGINES, cuda_available, free_port, install_signal_handlers, launch,  # noqa: E402
-                           redact_args, server_command)
+from common.server import ENGINE_NAMES, ENGINES, cuda_available, free_port, install_signal_handlers, redact_args  # noqa: E402,E501
 from common.target import TargetSpec  # noqa: E402
-from stage1_sample.__main__ import run_stage1  # noqa: E402
+from stage1_sample.__main__ import run_stage1, stage1_server  # noqa: E402
 from stage1_sample.config import SampleConfig  # noqa: E402
 from stage1_sample.formats import load_conversations  # noqa: E402
 
@@ -125,7 +124,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = [f"target={args.target}", f"sample.server.engine={args.engine}", f"sample.input={args.input}",
             "sample.temperature=0", "sample.top_p=1.0", "sample.seed=0", f"sample.max_tokens={args.max_tokens}",
-            "sample.resume=false", "sample.max_retries=2"]
+            "sample.resume=false", "sample.max_retries=2", f"sample.server.startup_timeout={args.startup_timeout}"]
     if args.model:
         base.append(f"target.path={args.model}")
     for key, value in (("cb_num_blocks", args.cb_num_blocks), ("cb_max_batch_tokens", args.cb_max_batch_tokens),
@@ -161,14 +160,9 @@ def main() -> None:
         else:
             servers = []
             for i in range(args.servers):
-                port = free_port()
-                cmd = server_command(args.engine, target.path, target.served_name, port, dtype=target.dtype,
-                                     max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
-                                     extra_args=[*cfg.server.extra_args, *args.server_arg], cb=cfg.cb_bounds())
-                record["server_command"] = shlex.join(map(str, redact_args(cmd)))
                 log_file = out / ("server.log" if args.servers == 1 else f"server-{i}.log")
-                server = launch(args.engine, cmd, port=port, env=cfg.server.env, log_file=log_file,
-                                startup_timeout=args.startup_timeout)
+                server = stage1_server(cfg, target, free_port(), log_file, extra_args=args.server_arg)
+                record["server_command"] = shlex.join(map(str, redact_args(server.cmd)))
                 stack.callback(server.stop)  # whole process group, on exit, error and Ctrl-C
                 servers.append(server.start())
             print(f"starting {args.servers} x {ENGINE_NAMES[args.engine]} (logs in {out}) ...", flush=True)

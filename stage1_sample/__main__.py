@@ -112,6 +112,17 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def stage1_server(cfg: SampleConfig, target: TargetSpec, port: int, log_file: Path, extra_args: list[str] = ()):
+    """The server ``sample.server.launch=true`` starts (not yet started): the engine's command for the target
+    (its parsers, dtype, length, ``cb_*`` bounds) plus ``sample.server.extra_args``. The benchmark starts the same."""
+    cmd = server_command(cfg.server.engine, target.path, target.served_name, port, dtype=target.dtype,
+                         max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
+                         tool_call_parser=target.tool_call_parser, reasoning_parser=target.reasoning_parser,
+                         extra_args=[*cfg.server.extra_args, *extra_args], cb=cfg.cb_bounds())
+    return launch(cfg.server.engine, cmd, port=port, env=cfg.server.env, log_file=log_file,
+                  startup_timeout=cfg.server.startup_timeout)
+
+
 def regenerate_all(items: Iterator[Conversation | Skipped], cfg: SampleConfig, target: TargetSpec,
                    writer: ConversationWriter, sampling: dict[str, Any], launch_server: bool) -> Tally:
     """Regenerate ``items`` through ``sample.server.urls``, or through a server started for this (and stopped)."""
@@ -119,15 +130,9 @@ def regenerate_all(items: Iterator[Conversation | Skipped], cfg: SampleConfig, t
     urls, tools_refused = cfg.server.urls, None  # a server we did not start is trusted to take tools
     with contextlib.ExitStack() as stack:
         if launch_server:
-            port = cfg.server.port or free_port()
-            cmd = server_command(engine, target.path, target.served_name, port, dtype=target.dtype,
-                                 max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
-                                 tool_call_parser=target.tool_call_parser, reasoning_parser=target.reasoning_parser,
-                                 extra_args=cfg.server.extra_args, cb=cfg.cb_bounds())
-            if engine == "vllm" and not parses_tool_calls(cmd):
+            server = stage1_server(cfg, target, cfg.server.port or free_port(), writer.dir / "server.log")
+            if engine == "vllm" and not parses_tool_calls(server.cmd):
                 tools_refused = TOOLS_REFUSED
-            server = launch(engine, cmd, port=port, env=cfg.server.env, log_file=writer.dir / "server.log",
-                            startup_timeout=cfg.server.startup_timeout)
             log.info("starting %s for %s (log: %s)", ENGINE_NAMES[engine], target.path, server.log_file)
             urls = [stack.enter_context(server).url]
         model_name = request_model_name(engine, target.path, target.served_name)
