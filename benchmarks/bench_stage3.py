@@ -3,6 +3,8 @@
     python benchmarks/bench_stage3.py --out results/bench3 --specforge /path/to/SpecForge      # one GPU, both shapes
     python benchmarks/bench_stage3.py --shape llama-3.1-8b --lengths 8192 32768 --out results/bench3
     python benchmarks/bench_stage3.py --shape tiny --device cpu --lengths 64 --out /tmp/b3    # CPU smoke (tests)
+    python benchmarks/bench_stage3.py --shape llama-3.1-8b --lengths 8192 --profile --set attention_kernel=cudnn \
+        --out results/b3-cudnn                   # a TrainConfig variant, and the kernel table of one step
 
 Per shape and row length T this writes a complete stage-2 shard set with stage 2's real writer (ShardWriter,
 write_manifest, stage2_hidden.vocab: random bf16 hidden states [T, 3 H_t], random tokens, every position an assistant
@@ -104,16 +106,46 @@ def make_shards(folder: Path, target_cfg: dict, T: int, rows: int, draft_vocab: 
     return folder
 
 
-def bench_config(shards: Path, out: Path, T: int, steps: int, device: str, ac: str, ttt: int):
-    """The TrainConfig of one benchmark row: one row of T tokens per step, no validation, checkpoint or export."""
+def parse_settings(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs -> TrainConfig overrides; VALUE parsed as JSON when it is JSON (true, 3, "x")."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def bench_config(shards: Path, out: Path, T: int, steps: int, device: str, ac: str, ttt: int,
+                 settings: dict | None = None):
+    """The TrainConfig of one benchmark row: one row of T tokens per step, no validation, checkpoint or export;
+    `settings` (--set) are more TrainConfig fields (attention_kernel, float8, ...), checked by TrainConfig."""
     from stage3_train.config import TrainConfig
 
     ac_value = {"auto": "auto", "on": True, "off": False}[ac]
-    return TrainConfig(data=str(shards), out=str(out), max_tokens=T, batch_rows=1, grad_accum=1, ttt_steps=ttt,
-                       steps=steps, warmup_steps=1, lr=1e-4, log_every=1, eval_every=0, ckpt_every=0,
-                       val_fraction=0.0, export=False, activation_checkpointing=ac_value, device=device,
-                       param_dtype="bfloat16" if device == "cuda" else "float32",
-                       pad_multiple=16 if T < 1024 else 64)
+    fields = dict(data=str(shards), out=str(out), max_tokens=T, batch_rows=1, grad_accum=1, ttt_steps=ttt,
+                  steps=steps, warmup_steps=1, lr=1e-4, log_every=1, eval_every=0, ckpt_every=0,
+                  val_fraction=0.0, export=False, activation_checkpointing=ac_value, device=device,
+                  param_dtype="bfloat16" if device == "cuda" else "float32",
+                  pad_multiple=16 if T < 1024 else 64)
+    return TrainConfig.from_dict(fields | (settings or {}))
+
+
+def profile_step(step_fn, device: torch.device, path: Path, rows: int = 40) -> None:
+    """One more step under torch.profiler: the kernels' self time table (top `rows`) -> `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step_fn()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90))
+    log.info(f"profile of one step -> {path}")
 
 
 def _sync(device: torch.device) -> None:
@@ -149,7 +181,8 @@ def run_ours(world, shards: Path, target: Path, out: Path, T: int, args) -> tupl
     from stage3_train.model import num_flops_per_token
     from stage3_train.train import Trainer
 
-    cfg = bench_config(shards, out, T, args.warmup + args.iters, world.device.type, args.ac, args.ttt)
+    cfg = bench_config(shards, out, T, args.warmup + args.iters + int(args.profile), world.device.type, args.ac,
+                       args.ttt, parse_settings(args.set))
     trainer = Trainer(cfg, {"path": str(target), "name": "bench"}, world)
     trainer.open_batches()
     try:
@@ -158,6 +191,8 @@ def run_ours(world, shards: Path, target: Path, out: Path, T: int, args) -> tupl
             return stats.summarize(cfg.step_decay)["loss"]
 
         times, losses, peak_gib = time_steps(step, world.device, args.warmup, args.iters)
+        if args.profile:
+            profile_step(step, world.device, Path(args.out) / f"profile-{out.parent.name}-{T}.txt")
     finally:
         trainer.batches.close()
         trainer.metrics.close()
@@ -307,6 +342,10 @@ def parse_args(argv=None):
     p.add_argument("--specforge", default=None, help="a SpecForge checkout: run its step side by side")
     p.add_argument("--work", default=None, help="scratch folder for shards and targets (default: --out/work)")
     p.add_argument("--keep-shards", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig field for our step, e.g. --set attention_kernel=cudnn --set float8=true")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one more step: --out/profile-SHAPE-T.txt (kernel self times)")
     p.add_argument("--out", required=True, help="results folder (bench_stage3.json)")
     return p.parse_args(argv)
 

@@ -3,7 +3,11 @@
 
 1. Kernels: on CUDA, `compile_hot_paths()` (torch.compile of the small elementwise pieces: norms, RoPE, SwiGLU,
    the attention's diagonal terms, the loss's softmax), once per process. The CPU stays eager (tests). No
-   torch.compile of the whole step (variable packed lengths would recompile).
+   torch.compile of the whole step (variable packed lengths would recompile). The causal block's attention kernel
+   (`train.attention_kernel`: FlashAttention-2 or cuDNN, `attention.set_causal_kernel`). Opt-in fp8 matmuls
+   (`train.float8`): torchao's `convert_to_float8_training` with rowwise scales swaps fc and the decoder layer's
+   linears (dims multiples of 16) for Float8Linear, each then torch.compiled (dynamic shapes) so the casts and
+   scales fuse; lm_head stays bf16 (the fused CE multiplies by its weight directly). Before FSDP, as torchtitan.
 2. FSDP2: `fully_shard` the decoder layer (`midlayer`), then the root (fc, norm, lm_head), with
    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). The sharded parameters stay fp32, so the AdamW
    state built on them is fp32 (the master copy); compute sees bf16 all-gathered copies.
@@ -103,13 +107,43 @@ def compile_kernels(device: torch.device) -> None:
     _COMPILED["done"] = True
 
 
+def float8_filter(module: nn.Module, fqn: str) -> bool:
+    """Which linears get fp8 matmuls: every nn.Linear but lm_head, both dims multiples of 16 (`torch._scaled_mm`)."""
+    return (isinstance(module, nn.Linear) and fqn.split(".")[-1] != "lm_head"
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def convert_float8(model: nn.Module) -> list[str]:
+    """Step 1b: fc + decoder-layer linears -> torchao Float8Linear (rowwise scales), compiled; -> converted names."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"train.float8=true needs a CUDA device with fp8 matmuls (Hopper or newer), got {device}")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as err:
+        raise ImportError(f"train.float8=true needs torchao (pip install torchao): {err}") from err
+    names = [n for n, m in model.named_modules() if float8_filter(m, n)]
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"),
+                               module_filter_fn=float8_filter)
+    for name in names:
+        model.get_submodule(name).compile(dynamic=True)  # fuse the per-row amax, scale and cast around _scaled_mm
+    log.info(f"float8 (rowwise) matmuls in {len(names)} linears: {', '.join(names)}")
+    return names
+
+
 def parallelize(model: nn.Module, *, mesh: DeviceMesh, param_dtype: str = "bfloat16",
                 activation_checkpointing: bool | str = "auto", tokens_per_micro_batch: int = 0,
-                ttt_steps: int = 1, reshard_layer_after_forward: bool = False) -> bool:
+                ttt_steps: int = 1, reshard_layer_after_forward: bool = False, attention_kernel: str = "flash",
+                float8: bool = False) -> bool:
     """Kernels, FSDP2, recompute decision for `model` (an Eagle3Draft on its device, fp32 params), in place and in
     this order; returns the activation-checkpointing flag to pass to `ttt_forward`. tokens_per_micro_batch and
     ttt_steps are what `auto` needs (tokens one rank holds per micro-batch)."""
+    from stage3_train.attention import set_causal_kernel
+
     compile_kernels(next(model.parameters()).device)
+    set_causal_kernel(attention_kernel)
+    if float8:
+        convert_float8(model)
     dtype = DTYPES[param_dtype]
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     frozen = {p for p in model.parameters() if not p.requires_grad}

@@ -192,7 +192,7 @@ class Trainer:
         self.ac = parallelize(self.model, mesh=self.d.fsdp_mesh, param_dtype=cfg.param_dtype,
                               activation_checkpointing=cfg.activation_checkpointing,
                               tokens_per_micro_batch=cfg.max_tokens * cfg.batch_rows // cfg.sequence_parallel,
-                              ttt_steps=cfg.ttt_steps)
+                              ttt_steps=cfg.ttt_steps, attention_kernel=cfg.attention_kernel, float8=cfg.float8)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                            fused=self.d.device.type == "cuda")  # one kernel per step on GPUs

@@ -39,3 +39,21 @@ def test_benchmark_step_is_the_trainers_step(tmp_path):
     logged = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
     assert len(logged) == 2 and ours["losses"] == pytest.approx(logged, rel=1e-6)
     assert ours["losses"][0] != ours["losses"][1]
+
+
+def test_settings_reach_the_trainer_and_profile_is_written(tmp_path):
+    """--set KEY=VALUE becomes a TrainConfig field of our step (checked by TrainConfig), --profile writes the
+    kernel table of one extra step."""
+    bench = _bench()
+    out = tmp_path / "bench"
+    report = bench.main(["--shape", "tiny", "--device", "cpu", "--lengths", "64", "--ttt", "2", "--warmup", "1",
+                         "--iters", "1", "--rows", "2", "--profile", "--set", "attention_kernel=cudnn",
+                         "--set", "grad_clip=0.25", "--out", str(out)])
+    cfg = report["rows"][0]["ours"]["config"]
+    assert cfg["attention_kernel"] == "cudnn" and cfg["grad_clip"] == 0.25 and cfg["steps"] == 3
+    table = (out / "profile-tiny-64.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
+    with pytest.raises(ValueError, match="unknown train"):
+        bench.bench_config(out, out, 64, 1, "cpu", "auto", 2, bench.parse_settings(["atention_kernel=cudnn"]))
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.parse_settings(["float8"])
