@@ -1,10 +1,13 @@
-"""The causal attention block of stage 3 on CUDA: FlashAttention-2 varlen vs cuDNN ragged (`train.attention_kernel`).
+"""A kernel trial for stage 3's causal attention block on CUDA: the product's FlashAttention-2 varlen path vs cuDNN.
 
     python benchmarks/bench_attention.py --out results/attn                       # both shapes, 8K and 32K
     python benchmarks/bench_attention.py --shape llama --lengths 8192 --segments 1 8 --out results/attn
 
-Times what the trainer calls (`stage3_train.attention.flash_block_forward` / `flash_block_backward` after
-`set_causal_kernel`), forward and backward of one causal block over T packed tokens split into S conversations
+`flash`: what the trainer calls (`stage3_train.attention.flash_block_forward` / `flash_block_backward`); `cudnn`:
+the candidate, cuDNN's fused attention over the same ragged segments (`aten._cudnn_attention_forward/_backward` with
+cu_seqlens, native GQA), called here only: it is not a product option (H200, torch 2.11 + cuDNN 9.19, 2026-12-02:
+forward right but ~30x slower, backward non-finite; benchmarks/RESULTS.md). Forward and backward of one causal
+block over T packed tokens split into S conversations
 (equal lengths, cu_seqlens), bf16, the draft's head layout: llama = Llama-3.1-8B draft (32 q / 8 kv heads x 128),
 gpt-oss = gpt-oss-120b draft (64 / 8 x 64). Each kernel is checked against the other before it is timed: out,
 lse, dq, dk, dv (max abs difference over max abs value of the FlashAttention-2 result). Median of --iters after
@@ -22,10 +25,35 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stage3_train.attention import (CAUSAL_KERNELS, FlashBlock, flash_block_backward,  # noqa: E402
-                                    flash_block_forward, set_causal_kernel)
+from stage3_train.attention import FlashBlock, flash_block_backward, flash_block_forward  # noqa: E402
 
 SHAPES = {"llama": (32, 8, 128), "gpt-oss": (64, 8, 64)}  # (q heads, kv heads, head dim) of the draft
+
+
+def lse_heads_first(lse: torch.Tensor, n: int, h: int) -> torch.Tensor:
+    """A kernel's log-sum-exp ([n, h, 1], [n, h] or [h, n]) as [h, n] fp32 (the product's layout)."""
+    if lse.dim() == 2 and lse.shape == (h, n):
+        return lse.float().contiguous()
+    if lse.shape[0] == n and lse.numel() == h * n:
+        return lse.reshape(n, h).t().float().contiguous()
+    raise RuntimeError(f"unexpected cuDNN lse layout {tuple(lse.shape)} for {n} queries x {h} heads")
+
+
+def cudnn_forward(q, k, v, blk: FlashBlock, scale: float):
+    out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+        q, k, v, None, blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, True, 0.0, blk.causal, False, scale=scale)
+    return out, lse_heads_first(lse, q.shape[0], q.shape[1]), (seed, offset, tuple(lse.shape))
+
+
+def cudnn_backward(dout, q, k, v, out, lse_hn, blk: FlashBlock, scale: float, aux):
+    seed, offset, lse_shape = aux
+    lse = lse_hn if tuple(lse_hn.shape) == lse_shape else lse_hn.t().reshape(lse_shape).contiguous()
+    return torch.ops.aten._cudnn_attention_backward(
+        dout, q, k, v, out, lse, seed, offset, None, blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, 0.0, blk.causal,
+        scale=scale)[:3]
+
+
+KERNELS = {"flash": (flash_block_forward, flash_block_backward), "cudnn": (cudnn_forward, cudnn_backward)}
 
 
 def causal_block(T: int, segments: int, device) -> FlashBlock:
@@ -36,9 +64,9 @@ def causal_block(T: int, segments: int, device) -> FlashBlock:
 
 
 def run_kernel(kernel: str, q, k, v, dout, blk: FlashBlock, scale: float):
-    set_causal_kernel(kernel)
-    out, lse, aux = flash_block_forward(q, k, v, blk, scale)
-    dq, dk, dv = flash_block_backward(dout, q, k, v, out, lse, blk, scale, aux)
+    forward, backward = KERNELS[kernel]
+    out, lse, aux = forward(q, k, v, blk, scale)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, blk, scale, aux)
     return out, lse, dq, dk, dv
 
 
@@ -64,7 +92,7 @@ def bench_case(shape: str, T: int, segments: int, args) -> dict:
     blk, scale = causal_block(T, segments, "cuda"), D ** -0.5
     row: dict = {"shape": shape, "tokens": T, "segments": segments}
     results = {}
-    for kernel in CAUSAL_KERNELS:
+    for kernel in KERNELS:
         try:
             results[kernel] = run_kernel(kernel, q, k, v, dout, blk, scale)
         except RuntimeError as err:  # a kernel this build or GPU does not have: recorded, the sweep goes on
@@ -76,12 +104,14 @@ def bench_case(shape: str, T: int, segments: int, args) -> dict:
             row[kernel] = {"max_rel_err": {name: float((x.float() - r.float()).abs().max() / r.float().abs().max())
                                            for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), res, ref)}}
         row.setdefault(kernel, {})
-        fwd = time_ms(lambda: (set_causal_kernel(kernel), flash_block_forward(q, k, v, blk, scale)),
-                      args.warmup, args.iters)
+        fwd = time_ms(lambda: KERNELS[kernel][0](q, k, v, blk, scale), args.warmup, args.iters)
+        row[kernel] |= {"fwd_ms": fwd, "fwd_tflops": seg_flops / fwd / 1e9}
+        errors = row[kernel].get("max_rel_err", {})
+        if not all(e < 0.05 for e in errors.values()):  # NaN too: a wrong backward is not timed (it may fault)
+            row[kernel]["backward"] = "wrong: not timed"
+            continue
         both = time_ms(lambda: run_kernel(kernel, q, k, v, dout, blk, scale), args.warmup, args.iters)
-        row[kernel] |= {"fwd_ms": fwd, "fwd_bwd_ms": both, "bwd_ms": both - fwd,
-                        "fwd_tflops": seg_flops / fwd / 1e9, "fwd_bwd_tflops": 3.5 * seg_flops / both / 1e9}
-    set_causal_kernel("flash")
+        row[kernel] |= {"fwd_bwd_ms": both, "bwd_ms": both - fwd, "fwd_bwd_tflops": 3.5 * seg_flops / both / 1e9}
     if "fwd_bwd_ms" in row.get("cudnn", {}) and "fwd_bwd_ms" in row.get("flash", {}):
         row["cudnn_speedup"] = row["flash"]["fwd_bwd_ms"] / row["cudnn"]["fwd_bwd_ms"]
     return row

@@ -6,6 +6,13 @@
     python benchmarks/bench_stage1.py --engine transformers --concurrency 8 32 128 --num-prompts 512 --max-tokens 256
     # several servers sharing one GPU, each with a bounded KV cache, behind stage 1's round robin:
     python benchmarks/bench_stage1.py --engine transformers --servers 4 --cb-max-memory-percent 0.1 --concurrency 256
+    # GPU without flash-attn (transformers serves paged|sdpa): bound BOTH the cache and the batch of each server
+    # (sdpa's per-step attention is query tokens x cache tokens of the whole batch) and spread over servers:
+    python benchmarks/bench_stage1.py --engine transformers --servers 4 --cb-num-blocks 1024 \
+        --cb-max-batch-tokens 512 --concurrency 256 512 --num-prompts 1024 --max-tokens 1024
+    # GPU with flash-attn importable: one server, cache sized by transformers (decode fast path, async batching):
+    python benchmarks/bench_stage1.py --engine transformers --server-arg=--attn-implementation \
+        --server-arg=flash_attention_2 --concurrency 256 1024 --num-prompts 2048 --max-tokens 1024
     # tiny check (a minute or two on a 2-core CPU):
     python benchmarks/bench_stage1.py --engine transformers --concurrency 8 --num-prompts 16 --max-tokens 32
 
@@ -18,8 +25,10 @@ runs (conf/sample.yaml composed with overrides: ``sample.server.urls=[those serv
 conversations, every assistant turn regenerated turn by turn, greedy, fixed ``max_tokens``) into its own
 folder under ``--out``; its manifest's ``throughput`` (output tokens / seconds of the run loop) is the
 figure. A warm-up pass first (CUDA graphs / torch.compile / transformers' continuous-batching set-up happen
-on the first requests). Writes ``--out/bench_stage1.json`` (command, date, device, settings, one row per
-concurrency) and prints a Markdown table.
+on the first requests). engine=transformers on a GPU: the servers get ``--cb-use-cuda-graph``
+(``common.server.transformers_command``; ``--no-cuda-graph`` for the eager A/B), ``OMP_NUM_THREADS`` = cores /
+servers unless set, and no PyPI update check at start-up (``HF_HUB_DISABLE_UPDATE_CHECK``). Writes
+``--out/bench_stage1.json`` (command, date, device, settings, one row per concurrency) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")  # `transformers` CLI: no PyPI probe at each server start
 
 from common.server import ENGINE_NAMES, ENGINES, cuda_available, free_port, install_signal_handlers, redact_args  # noqa: E402,E501
 from common.target import TargetSpec  # noqa: E402
@@ -113,11 +123,18 @@ def main() -> None:
     ap.add_argument("--cb-num-blocks", type=int, default=None, help="engine=transformers: --cb-num-blocks")
     ap.add_argument("--cb-max-batch-tokens", type=int, default=None, help="engine=transformers: --cb-max-batch-tokens")
     ap.add_argument("--cb-max-memory-percent", type=float, default=None)
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="engine=transformers on a GPU: --no-cb-use-cuda-graph (eager decode steps, for an A/B)")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/stage1-<engine>-<date>")
     ap.add_argument("--override", action="append", default=[], help="more Hydra overrides for stage 1 (repeatable)")
     args = ap.parse_args()
     install_signal_handlers()
+    if args.engine == "transformers":
+        if args.no_cuda_graph:
+            args.server_arg.append("--no-cb-use-cuda-graph")  # after the builder's --cb-use-cuda-graph: last one wins
+        if cuda_available() and not args.url:  # N servers x all cores of OpenMP threads would oversubscribe the host
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.servers))))
 
     date = dt.datetime.now(dt.timezone.utc)
     out = args.out or REPO / "benchmarks/results" / f"stage1-{args.engine}-{date:%Y%m%d-%H%M%S}"

@@ -3,8 +3,8 @@
     python benchmarks/bench_stage3.py --out results/bench3 --specforge /path/to/SpecForge      # one GPU, both shapes
     python benchmarks/bench_stage3.py --shape llama-3.1-8b --lengths 8192 32768 --out results/bench3
     python benchmarks/bench_stage3.py --shape tiny --device cpu --lengths 64 --out /tmp/b3    # CPU smoke (tests)
-    python benchmarks/bench_stage3.py --shape llama-3.1-8b --lengths 8192 --profile --set attention_kernel=cudnn \
-        --out results/b3-cudnn                   # a TrainConfig variant, and the kernel table of one step
+    python benchmarks/bench_stage3.py --shape llama-3.1-8b --lengths 8192 --profile --set activation_checkpointing=true \
+        --out results/b3-ac                      # a TrainConfig variant, and the kernel table of one step
 
 Per shape and row length T this writes a complete stage-2 shard set with stage 2's real writer (ShardWriter,
 write_manifest, stage2_hidden.vocab: random bf16 hidden states [T, 3 H_t], random tokens, every position an assistant
@@ -123,7 +123,7 @@ def parse_settings(pairs: list[str]) -> dict:
 def bench_config(shards: Path, out: Path, T: int, steps: int, device: str, ac: str, ttt: int,
                  settings: dict | None = None):
     """The TrainConfig of one benchmark row: one row of T tokens per step, no validation, checkpoint or export;
-    `settings` (--set) are more TrainConfig fields (attention_kernel, float8, ...), checked by TrainConfig."""
+    `settings` (--set) are more TrainConfig fields (activation_checkpointing, ttt_steps, ...), checked by TrainConfig."""
     from stage3_train.config import TrainConfig
 
     ac_value = {"auto": "auto", "on": True, "off": False}[ac]
@@ -343,7 +343,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=None, help="scratch folder for shards and targets (default: --out/work)")
     p.add_argument("--keep-shards", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a TrainConfig field for our step, e.g. --set attention_kernel=cudnn --set float8=true")
+                   help="a TrainConfig field for our step, e.g. --set grad_clip=1.0 --set step_decay=0.7")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one more step: --out/profile-SHAPE-T.txt (kernel self times)")
     p.add_argument("--out", required=True, help="results folder (bench_stage3.json)")

@@ -143,6 +143,7 @@ def transformers_command(
     cb_num_blocks: int | None = None,
     cb_max_batch_tokens: int | None = None,
     cb_max_memory_percent: float | None = None,
+    cb_use_cuda_graph: bool | None = None,
     extra_args: list[str] | None = None,
     gpu: bool | None = None,
 ) -> list[str]:
@@ -151,6 +152,15 @@ def transformers_command(
     Without a GPU the continuous-batching KV cache gets ``CPU_CB_NUM_BLOCKS`` / ``CPU_CB_MAX_BATCH_TOKENS``
     unless given (transformers would otherwise take 90 % of the free RAM); on a GPU unset values are left
     to transformers (it sizes the cache from free GPU memory, ``cb_max_memory_percent`` of it).
+
+    On a GPU ``--cb-use-cuda-graph`` is passed unless ``cb_use_cuda_graph=False`` (then ``--no-cb-use-cuda-graph``):
+    without flash-attn transformers 5.x serves with ``paged|sdpa`` and then leaves CUDA graphs off by default, so
+    every decode step dispatches the whole eager forward (~2,800 ATen ops for SmolLM2-135M: most likely the
+    ~50 ms/step seen on an H200); with flash-attn they are on anyway. Without a GPU nothing is passed (CUDA graphs need CUDA).
+    With ``paged|sdpa`` bound both ``cb_num_blocks`` and ``cb_max_batch_tokens`` on a GPU: its attention mask is
+    ``max_batch_tokens x cache tokens`` and its per-step attention cost grows with (query tokens in the step) x
+    (cache tokens of all the requests in it); giving only one of the two makes transformers solve for the other
+    (e.g. ``--cb-num-blocks 4096`` alone gives 46k batch tokens and a 94 GiB mask on an H200).
     """
     gpu = cuda_available() if gpu is None else gpu
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model,
@@ -164,6 +174,10 @@ def transformers_command(
                             ("--cb-max-memory-percent", cb_max_memory_percent)):
             if value is not None:
                 cmd += [flag, str(value)]
+        if cb_use_cuda_graph or (cb_use_cuda_graph is None and gpu):
+            cmd.append("--cb-use-cuda-graph")
+        elif cb_use_cuda_graph is False:
+            cmd.append("--no-cb-use-cuda-graph")
     if trust_remote_code:
         cmd.append("--trust-remote-code")
     return cmd + [str(a) for a in (extra_args or [])]

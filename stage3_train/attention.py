@@ -15,11 +15,8 @@ the merged softmax. The diagonal terms are elementwise: p_j = e^{s_j - lse}, ds_
 dq += scale ds_j k_j, dk_j = scale ds_j q, dv_j = p_j dO (summed over the query heads of a GQA group).
 No T x T tensor exists anywhere: memory is O(N * heads * head_dim).
 
-Causal block: on CUDA a varlen kernel over the packed conversations (cu_seqlens): FlashAttention-2
-(`aten._flash_attention_forward/_backward`, the default) or cuDNN's fused attention
-(`aten._cudnn_attention_forward/_backward`, ragged offsets; `train.attention_kernel=cudnn`, chosen by
-`set_causal_kernel` from parallelize). Both backwards take the merged out/lse, so the trick above holds for either.
-On CPU the SDPA flash kernel for CPU per conversation (tests: correctness, not speed).
+Causal block: on CUDA the varlen flash kernel (`aten._flash_attention_forward/_backward`, cu_seqlens over the packed
+conversations); on CPU the SDPA flash kernel for CPU per conversation (tests: correctness, not speed).
 Layout: flat tokens, q [N, Hq, D], k/v [N, Hkv, D], Hq a multiple of Hkv (GQA).
 """
 from __future__ import annotations
@@ -30,15 +27,6 @@ import torch
 
 ROW_CHUNK = 16384  # tokens per chunk of the elementwise diagonal maths (bounds the fp32 temporaries)
 _FLASH = {"native_gqa": True}  # CUDA flash kernel takes fewer kv heads than q heads (checked on first use)
-CAUSAL_KERNELS = ("flash", "cudnn")
-_CAUSAL = {"kernel": "flash"}  # the CUDA causal-block kernel of this process (set_causal_kernel)
-
-
-def set_causal_kernel(name: str) -> None:
-    """Pick the CUDA kernel of the causal block: 'flash' (FlashAttention-2 varlen) or 'cudnn' (cuDNN ragged)."""
-    if name not in CAUSAL_KERNELS:
-        raise ValueError(f"train.attention_kernel must be one of {CAUSAL_KERNELS}, got {name!r}")
-    _CAUSAL["kernel"] = name
 
 
 @dataclass(frozen=True)
@@ -150,31 +138,6 @@ def _varlen_forward(q, k, v, blk: FlashBlock, scale: float):
     return out, lse, (rng, unused, expand)
 
 
-def _cudnn_forward(q, k, v, blk: FlashBlock, scale: float):
-    """cuDNN's fused attention over the ragged segments (native GQA) -> out [nq, Hq, D], lse [Hq, nq] fp32, aux."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, True, 0.0, blk.causal, False, scale=scale)
-    lse_shape = tuple(lse.shape)
-    return out, _lse_heads_first(lse, q.shape[0], q.shape[1]), ("cudnn", seed, offset, lse_shape)
-
-
-def _lse_heads_first(lse: torch.Tensor, n: int, h: int) -> torch.Tensor:
-    """A kernel's log-sum-exp ([n, h, 1], [n, h] or [h, n]) as [h, n] fp32 contiguous."""
-    if lse.shape[0] == h and lse.numel() == h * n and lse.dim() == 2:
-        return lse.float().contiguous()
-    if lse.shape[0] == n and lse.numel() == h * n:
-        return lse.reshape(n, h).t().float().contiguous()
-    raise RuntimeError(f"unexpected cuDNN lse layout {tuple(lse.shape)} for {n} queries x {h} heads")
-
-
-def _lse_kernel_layout(lse_hN: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of _lse_heads_first: [h, n] back to the kernel's own layout `shape`."""
-    if shape == tuple(lse_hN.shape):
-        return lse_hN.contiguous()
-    return lse_hN.t().reshape(shape).contiguous()
-
-
 def _segment_pairs(blk: FlashBlock):
     return zip(zip(blk.bounds_q, blk.bounds_q[1:]), zip(blk.bounds_k, blk.bounds_k[1:]))
 
@@ -189,8 +152,6 @@ def flash_block_forward(q, k, v, blk: FlashBlock, scale: float):
     (fp32; fp64 for fp64 inputs), aux for `flash_block_backward`. CUDA: the varlen kernel (native GQA when the
     build has it); CPU: the SDPA flash kernel for CPU per segment pair (tests: correctness, not speed)."""
     if q.is_cuda:
-        if _CAUSAL["kernel"] == "cudnn":
-            return _cudnn_forward(q, k, v, blk, scale)
         return _varlen_forward(q, k, v, blk, scale)
     ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     outs, lses = [], []
@@ -206,12 +167,6 @@ def flash_block_forward(q, k, v, blk: FlashBlock, scale: float):
 def flash_block_backward(dout, q, k, v, out, lse, blk: FlashBlock, scale: float, aux):
     """Flash backward of one block called with the given (merged) out and lse -> dq [nq], dk, dv [nk, Hkv, D]."""
     Hq, Hkv = q.shape[1], k.shape[1]
-    if q.is_cuda and isinstance(aux[0], str):  # ("cudnn", seed, offset, lse_shape) from _cudnn_forward
-        _, seed, offset, lse_shape = aux
-        dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
-        return torch.ops.aten._cudnn_attention_backward(
-            dout, q, k, v, out, _lse_kernel_layout(lse, lse_shape), seed, offset, None, blk.cu_q, blk.cu_k,
-            blk.max_q, blk.max_k, 0.0, blk.causal, scale=scale)[:3]
     if q.is_cuda:
         rng, unused, expand = aux
         ke, ve = (expand_kv(k, Hq), expand_kv(v, Hq)) if expand else (k, v)

@@ -57,6 +57,17 @@ def compile_kernels() -> None:
     _K["ce"] = torch.compile(_ce_chunk, dynamic=True)
 
 
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. CUDA, bf16/fp16 operands into an fp32 acc: one GEMM with the fp32 accumulator as its C
+    (beta = 1, `addmm(out_dtype=fp32)`), no [Vd, H] half-precision product and no separate fp32 add over it
+    (at 8K tokens, Llama-8B draft: 28 adds of a 32000 x 4096 fp32 tensor, ~14 ms of a 320 ms step). Elsewhere
+    (CPU, fp32/fp64): the product, then the add."""
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_NH, w_VH, labels_N, chunk: int, weight, head_grad: HeadGrad | None):
@@ -84,7 +95,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[a:a + chunk] = g_CV @ w_VH
             if need_w:
-                grad_w.add_(g_CV.t() @ h_CH)  # fp32 += bf16 in one kernel
+                accumulate_mm(grad_w, g_CV.t(), h_CH)
         ctx.head_grad, ctx.w_dtype = head_grad, w_VH.dtype
         ctx.save_for_backward(grad_h)
         raw = ce_sum.clone()

@@ -3,11 +3,7 @@
 
 1. Kernels: on CUDA, `compile_hot_paths()` (torch.compile of the small elementwise pieces: norms, RoPE, SwiGLU,
    the attention's diagonal terms, the loss's softmax), once per process. The CPU stays eager (tests). No
-   torch.compile of the whole step (variable packed lengths would recompile). The causal block's attention kernel
-   (`train.attention_kernel`: FlashAttention-2 or cuDNN, `attention.set_causal_kernel`). Opt-in fp8 matmuls
-   (`train.float8`): torchao's `convert_to_float8_training` with rowwise scales swaps fc and the decoder layer's
-   linears (dims multiples of 16) for Float8Linear, each then torch.compiled (dynamic shapes) so the casts and
-   scales fuse; lm_head stays bf16 (the fused CE multiplies by its weight directly). Before FSDP, as torchtitan.
+   torch.compile of the whole step (variable packed lengths would recompile).
 2. FSDP2: `fully_shard` the decoder layer (`midlayer`), then the root (fc, norm, lm_head), with
    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). The sharded parameters stay fp32, so the AdamW
    state built on them is fp32 (the master copy); compute sees bf16 all-gathered copies.
@@ -18,6 +14,9 @@
    Gradient reduction sums instead of averaging over ranks (`set_gradient_divide_factor(1)` with plain SUM
    collectives, which gloo also has): the loss is already normalised by the globally reduced count of valid
    positions, so the global gradient is the sum of the per-rank gradients.
+   `train.cpu_offload`: both units get FSDP2's `CPUOffloadPolicy` (sharded fp32 params, their gradients and so the
+   AdamW state in pinned host memory; all-gather copies to the GPU for compute, gradients back after the
+   reduce-scatter); the optimizer step then runs on the CPU.
 3. Activation checkpointing is a flag, not a wrapper: `ttt_forward(..., checkpoint=True)` recomputes each TTT
    step's decoder layer in backward. `auto` decides it here, after sharding, from what fits
    (`activation_bytes_per_token` vs the free device memory); the flag is returned for the loop.
@@ -27,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from common.logs import get_logger
 
@@ -78,15 +77,15 @@ def needs_recompute(cfg, *, tokens: int, ttt_steps: int, free_bytes: int | None,
 
 
 def _choose_recompute(model: nn.Module, setting, tokens: int, ttt_steps: int, dtype: torch.dtype,
-                      world_size: int) -> bool:
+                      world_size: int, device: torch.device, states_on_device: bool = True) -> bool:
     if setting in (True, False):
         return bool(setting)
     from stage3_train.model import MLP_CHUNK_TOKENS
 
-    device = next(model.parameters()).device
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state = 3 * 4 * trainable // world_size  # fp32 grads + AdamW exp_avg + exp_avg_sq, sharded
+    # fp32 grads + AdamW exp_avg + exp_avg_sq, sharded; none of it on the device with cpu_offload
+    state = 3 * 4 * trainable // world_size if states_on_device else 0
     cfg = model.config
     ac = needs_recompute(cfg, tokens=tokens, ttt_steps=ttt_steps, free_bytes=free, state_bytes=state,
                          compute_bytes=dtype.itemsize, mlp_chunk_tokens=MLP_CHUNK_TOKENS)
@@ -107,53 +106,26 @@ def compile_kernels(device: torch.device) -> None:
     _COMPILED["done"] = True
 
 
-def float8_filter(module: nn.Module, fqn: str) -> bool:
-    """Which linears get fp8 matmuls: every nn.Linear but lm_head, both dims multiples of 16 (`torch._scaled_mm`)."""
-    return (isinstance(module, nn.Linear) and fqn.split(".")[-1] != "lm_head"
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-
-def convert_float8(model: nn.Module) -> list[str]:
-    """Step 1b: fc + decoder-layer linears -> torchao Float8Linear (rowwise scales), compiled; -> converted names."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        raise ValueError(f"train.float8=true needs a CUDA device with fp8 matmuls (Hopper or newer), got {device}")
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except ImportError as err:
-        raise ImportError(f"train.float8=true needs torchao (pip install torchao): {err}") from err
-    names = [n for n, m in model.named_modules() if float8_filter(m, n)]
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"),
-                               module_filter_fn=float8_filter)
-    for name in names:
-        model.get_submodule(name).compile(dynamic=True)  # fuse the per-row amax, scale and cast around _scaled_mm
-    log.info(f"float8 (rowwise) matmuls in {len(names)} linears: {', '.join(names)}")
-    return names
-
-
 def parallelize(model: nn.Module, *, mesh: DeviceMesh, param_dtype: str = "bfloat16",
                 activation_checkpointing: bool | str = "auto", tokens_per_micro_batch: int = 0,
-                ttt_steps: int = 1, reshard_layer_after_forward: bool = False, attention_kernel: str = "flash",
-                float8: bool = False) -> bool:
+                ttt_steps: int = 1, reshard_layer_after_forward: bool = False, cpu_offload: bool = False) -> bool:
     """Kernels, FSDP2, recompute decision for `model` (an Eagle3Draft on its device, fp32 params), in place and in
     this order; returns the activation-checkpointing flag to pass to `ttt_forward`. tokens_per_micro_batch and
     ttt_steps are what `auto` needs (tokens one rank holds per micro-batch)."""
-    from stage3_train.attention import set_causal_kernel
-
-    compile_kernels(next(model.parameters()).device)
-    set_causal_kernel(attention_kernel)
-    if float8:
-        convert_float8(model)
+    device = next(model.parameters()).device  # the compute device (cpu_offload moves the sharded params to host)
+    compile_kernels(device)
     dtype = DTYPES[param_dtype]
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     frozen = {p for p in model.parameters() if not p.requires_grad}
     for p in frozen:
         p.data = p.data.to(dtype)  # frozen embeddings: compute dtype, replicated
-    fully_shard(model.midlayer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_layer_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen)
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
+    fully_shard(model.midlayer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_layer_after_forward,
+                offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen, offload_policy=offload)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # per FSDP unit: sum over ranks, do not average
             module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM; NCCL zero-copy)
     return _choose_recompute(model, activation_checkpointing, tokens_per_micro_batch, ttt_steps, dtype,
-                             mesh.size())
+                             mesh.size(), device, states_on_device=not cpu_offload)

@@ -192,10 +192,11 @@ class Trainer:
         self.ac = parallelize(self.model, mesh=self.d.fsdp_mesh, param_dtype=cfg.param_dtype,
                               activation_checkpointing=cfg.activation_checkpointing,
                               tokens_per_micro_batch=cfg.max_tokens * cfg.batch_rows // cfg.sequence_parallel,
-                              ttt_steps=cfg.ttt_steps, attention_kernel=cfg.attention_kernel, float8=cfg.float8)
+                              ttt_steps=cfg.ttt_steps, cpu_offload=cfg.cpu_offload)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                           fused=self.d.device.type == "cuda")  # one kernel per step on GPUs
+                                           fused=self.d.device.type == "cuda" and not cfg.cpu_offload)  # GPUs:
+        # one kernel per step; cpu_offload: the parameters and states are host tensors (the foreach CPU step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         # sequence parallelism: ranks of one SP group share rows (the loader sees the dp axis only)

@@ -73,6 +73,10 @@ def test_transformers_command_bounds_the_cpu_kv_cache():
     assert "--cb-num-blocks" not in gpu and "--cb-max-batch-tokens" not in gpu and "--trust-remote-code" in gpu
     gpu = transformers_command("org/m", 8001, gpu=True, cb_max_memory_percent=0.5, cb_num_blocks=100)
     assert gpu[gpu.index("--cb-max-memory-percent") + 1] == "0.5" and gpu[gpu.index("--cb-num-blocks") + 1] == "100"
+    # CUDA graphs for the decode steps on a GPU (transformers leaves them off for paged|sdpa); none on the CPU
+    assert "--cb-use-cuda-graph" in gpu and not any("cuda-graph" in a for a in cpu)
+    eager = transformers_command("org/m", 8001, gpu=True, cb_use_cuda_graph=False)
+    assert "--no-cb-use-cuda-graph" in eager and "--cb-use-cuda-graph" not in eager
     assert server_command("vllm", "/m", "name", 8001, gpu=False) == vllm_command("/m", "name", 8001, gpu=False)
     assert server_command("transformers", "/m", "name", 8001, gpu=False) == transformers_command("/m", 8001, gpu=False)
     with pytest.raises(ValueError, match="engine"):

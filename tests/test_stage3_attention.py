@@ -105,19 +105,3 @@ def test_flash_fallback_expands_kv_when_the_kernel_refuses_gqa(monkeypatch):
     q, k, v, blk = _gqa_inputs()
     out, lse, (_, _, expand) = attention._varlen_forward(q, k, v, blk, 0.35)
     assert seen_kv_heads == [2, 4] and expand and attention._FLASH["native_gqa"] is False
-
-
-def test_kernel_choice_is_checked_and_lse_layouts_round_trip():
-    from stage3_train.attention import _lse_heads_first, _lse_kernel_layout, set_causal_kernel
-
-    with pytest.raises(ValueError, match="attention_kernel"):
-        set_causal_kernel("flex")
-    set_causal_kernel("cudnn")
-    set_causal_kernel("flash")
-    lse_hn = torch.randn(4, 10)
-    for shape in [(10, 4, 1), (10, 4), (4, 10)]:  # the layouts a kernel may return, heads first afterwards
-        native = _lse_kernel_layout(lse_hn, shape)
-        assert tuple(native.shape) == shape
-        assert torch.equal(_lse_heads_first(native, 10, 4), lse_hn)
-    with pytest.raises(RuntimeError, match="lse layout"):
-        _lse_heads_first(torch.zeros(3, 7), 10, 4)

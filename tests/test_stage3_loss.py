@@ -75,3 +75,26 @@ def test_shared_head_grad_accumulator():
     (2.0 * ref).backward()
     for a, t in zip(got, (w, *hs)):
         torch.testing.assert_close(a, t.grad)
+
+
+@pytest.mark.gpu
+def test_fp32_head_grad_accumulates_inside_the_gemm_on_cuda():
+    """CUDA bf16: grad_W accumulated by addmm(out_dtype=fp32) into the shared fp32 buffer over several chunks and
+    calls equals the fp32 reference within bf16 rounding of the operands."""
+    from stage3_train.loss import HeadGrad, accumulate_mm
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    acc = torch.randn(96, 64, device="cuda", generator=g)
+    a, b = (torch.randn(*s, device="cuda", generator=g).bfloat16() for s in ((96, 300), (300, 64)))
+    ref = acc + a.float() @ b.float()
+    accumulate_mm(acc, a, b)
+    torch.testing.assert_close(acc, ref, rtol=1e-4, atol=1e-3)
+    w = torch.randn(96, 64, device="cuda", generator=g).bfloat16().requires_grad_()
+    hs = [torch.randn(70, 64, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(2)]
+    ys = [torch.randint(0, 96, (70,), device="cuda", generator=g) for _ in range(2)]
+    head = HeadGrad()
+    sum(linear_cross_entropy(h, w, y, chunk_size=16, head_grad=head)[0] for h, y in zip(hs, ys)).backward()
+    w32 = w.detach().float().requires_grad_()
+    sum(F.cross_entropy(h.detach().float() @ w32.t(), y, reduction="sum") for h, y in zip(hs, ys)).backward()
+    rel = (w.grad.float() - w32.grad).norm() / w32.grad.norm()
+    assert rel < 1e-2, rel

@@ -185,19 +185,3 @@ def test_auto_activation_checkpointing_decides_from_what_fits():
     assert needs_recompute(llama, tokens=65536, free_bytes=None, ttt_steps=7)
     with pytest.raises(ValueError, match="true, false or auto"):
         TrainConfig(activation_checkpointing="sometimes")
-
-
-def test_kernel_options_are_checked_and_float8_refuses_the_cpu():
-    """train.attention_kernel takes flash | cudnn; train.float8 names what it needs instead of training in bf16."""
-    from stage3_train.model import DraftConfig, Eagle3Draft
-    from stage3_train.parallelize import convert_float8, float8_filter
-
-    with pytest.raises(ValueError, match="flash or cudnn"):
-        TrainConfig(attention_kernel="flex")
-    cfg = DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      vocab_size=96, draft_vocab_size=48, target_hidden_size=32)
-    model = Eagle3Draft(cfg)
-    chosen = [n for n, m in model.named_modules() if float8_filter(m, n)]
-    assert "fc" in chosen and "midlayer.mlp.down_proj" in chosen and "lm_head" not in chosen
-    with pytest.raises(ValueError, match="train.float8=true needs a CUDA device"):
-        convert_float8(model)
