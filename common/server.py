@@ -208,6 +208,29 @@ def returns_token_ids(engine: str) -> bool:
     return engine == "vllm"
 
 
+def sampling_fields(engine: str, model: str, temperature: float, top_p: float) -> dict[str, Any]:
+    """Request fields an engine needs beyond the OpenAI ones for ``temperature`` / ``top_p`` to take effect.
+
+    transformers serve (5.17-5.19) starts from the model's generation config and only ever turns ``do_sample``
+    OFF (for temperature 0): a model whose generation_config.json does not say ``do_sample: true`` (SmolLM2's does
+    not) is decoded greedily whatever the request's temperature. Its own ``generation_config`` request field (a
+    JSON GenerationConfig, which replaces the model's) fixes that: the model's config (eos / pad / bos ids) with
+    ``do_sample=True`` and the sampling parameters. With continuous batching the server takes the sampling
+    parameters of its FIRST request for all later ones, so a server must serve one sampling setting (stage 1 does).
+    ``model`` is what the server was started on (its path). vLLM: nothing extra.
+    """
+    if engine != "transformers" or temperature == 0:
+        return {}
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model)
+    except OSError:  # no generation_config.json (or no local copy): the config transformers would build
+        config = GenerationConfig()
+    config.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+    return {"generation_config": config.to_json_string(use_diff=True)}
+
+
 ENGINE_NAMES = {"vllm": "vLLM", "transformers": "transformers serve"}
 
 

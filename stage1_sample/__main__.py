@@ -21,7 +21,7 @@ from common.entry import config_yaml, hydra_entry
 from common.files import atomic_write_text
 from common.logs import get_logger
 from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, parses_tool_calls,
-                           request_model_name, returns_token_ids, server_command)
+                           request_model_name, returns_token_ids, sampling_fields, server_command)
 from common.target import TargetSpec
 
 from .client import ChatClient, api_key_from_env
@@ -141,8 +141,10 @@ def regenerate_all(items: Iterator[Conversation | Skipped], cfg: SampleConfig, t
 
 async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, writer: ConversationWriter,
                   sampling: dict[str, Any], tools_refused: str | None) -> Tally:
+    engine = cfg.server.engine
     async with ChatClient(urls, model, timeout=cfg.request_timeout, max_retries=cfg.max_retries,
-                          api_key=api_key_from_env(), return_token_ids=returns_token_ids(cfg.server.engine)) as client:
+                          api_key=api_key_from_env(), return_token_ids=returns_token_ids(engine),
+                          extra_body=sampling_fields(engine, model, cfg.temperature, cfg.top_p)) as client:
         return await run_loop(items, client, writer, sampling, cfg.concurrency, total=cfg.num_prompts,
                               tools_refused=tools_refused)
 

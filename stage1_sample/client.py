@@ -82,14 +82,17 @@ class ChatClient:
         backoff_max: float = 30.0,
         api_key: str | None = None,
         return_token_ids: bool = True,
+        extra_body: dict[str, Any] | None = None,
     ):
-        """``return_token_ids=False`` for servers that reject the field (``transformers serve``: HTTP 422)."""
+        """``return_token_ids=False`` for servers that reject the field (``transformers serve``: HTTP 422);
+        ``extra_body``: fields added to every chat request (``common.server.sampling_fields``)."""
         if not urls:
             raise ValueError("ChatClient needs at least one server URL")
         self.urls = [base_url(u) for u in urls]
         self._next_url = itertools.cycle(self.urls)
         self.model = model
         self.return_token_ids = return_token_ids
+        self.extra_body = dict(extra_body or {})
         self.max_retries = max_retries
         self.timeout = timeout
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
@@ -126,6 +129,7 @@ class ChatClient:
             "top_p": top_p,
             "max_tokens": max_tokens,
         }
+        body.update(self.extra_body)  # engine-specific fields (common.server.sampling_fields)
         if self.return_token_ids:
             body["return_token_ids"] = True  # vLLM: prompt_token_ids on the response, token_ids per choice
         if tools:

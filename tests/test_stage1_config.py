@@ -84,3 +84,18 @@ def test_transformers_command_bounds_the_cpu_kv_cache():
     # transformers serve is pinned to the path it loaded and returns text only
     assert request_model_name("transformers", "/m", "name") == "/m" and request_model_name("vllm", "/m", "name") == "name"
     assert returns_token_ids("vllm") and not returns_token_ids("transformers")
+
+
+def test_sampling_fields_turn_sampling_on_for_transformers_serve(smollm2_dir):
+    """transformers serve samples only when the request's generation config says do_sample: stage 1 sends the
+    model's own config (its eos id kept) with do_sample and the sampling parameters; greedy and vLLM send nothing."""
+    import json
+
+    from common.server import sampling_fields
+
+    fields = sampling_fields("transformers", str(smollm2_dir), 0.7, 0.9)
+    config = json.loads(fields["generation_config"])
+    assert config["do_sample"] is True and config["temperature"] == 0.7 and config["top_p"] == 0.9
+    assert config["eos_token_id"] == 2  # SmolLM2's <|im_end|>, from its generation_config.json
+    assert sampling_fields("transformers", str(smollm2_dir), 0.0, 1.0) == {}
+    assert sampling_fields("vllm", "name", 0.7, 0.9) == {}

@@ -161,3 +161,27 @@ def test_regenerate_turn_by_turn_through_transformers_serve(transformers_server,
     assert len(seen) == 3 and all(0 < n <= SAMPLING["max_tokens"] for n in seen) and num_tokens == sum(seen)
     # greedy: the same answers again (continuous batching shares one sampling config: ours never changes)
     assert asyncio.run(go())[0] == record
+
+
+@pytest.mark.slow
+def test_temperature_samples_through_transformers_serve(smollm2_dir, tmp_path):
+    """sample.temperature > 0 really samples on transformers serve: the request carries the model's generation
+    config with do_sample on (common.server.sampling_fields). A server of its own: with continuous batching the
+    first request fixes the sampling config, and the shared fixture's server is greedy."""
+    from common.server import free_port, launch, sampling_fields, server_command
+
+    port = free_port()
+    cmd = server_command("transformers", str(smollm2_dir), "x", port, dtype="bfloat16",
+                         cb={"cb_num_blocks": 32, "cb_max_batch_tokens": 512}, gpu=False)
+    extra = sampling_fields("transformers", str(smollm2_dir), 1.0, 1.0)
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+    async def answers():
+        async with ChatClient([f"http://127.0.0.1:{port}"], str(smollm2_dir), timeout=120, max_retries=1,
+                              return_token_ids=False, extra_body=extra) as client:
+            results = [await client.chat(messages, temperature=1.0, max_tokens=24) for _ in range(4)]
+        return [r.message["content"] for r in results]
+
+    with launch("transformers", cmd, port=port, log_file=tmp_path / "server.log", startup_timeout=600):
+        texts = asyncio.run(answers())
+    assert all(t.strip() for t in texts) and len(set(texts)) >= 2, texts  # greedy would give 4 equal answers
