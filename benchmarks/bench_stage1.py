@@ -17,17 +17,17 @@
     python benchmarks/bench_stage1.py --engine transformers --concurrency 8 --num-prompts 16 --max-tokens 32
 
 The server (SmolLM2-135M-Instruct unless ``--model``) is started ONCE by the function that starts it for
-``sample.server.launch=true`` (``stage1_sample.__main__.stage1_server``: same command, parsers and bounds),
-so its start-up is outside every measurement; ``--servers N`` starts N of them (one port each, started
-together, then each waited for) and stage 1 spreads requests over them (``sample.server.urls``, round robin;
-``--concurrency`` counts requests in flight over all of them). Then for each concurrency ``run_stage1`` itself
+``sample.server.launch=true`` (``stage1_sample.__main__.launch_replicas``: same command, parsers and bounds),
+so its start-up is outside every measurement; ``--servers N`` is ``sample.server.replicas=N`` (N of them, one
+port each, started together, ``OMP_NUM_THREADS`` = cores / N each unless set) and stage 1 spreads requests over
+them (``sample.server.urls``, round robin; ``--concurrency`` counts conversations in flight over all of them). Then for each concurrency ``run_stage1`` itself
 runs (conf/sample.yaml composed with overrides: ``sample.server.urls=[those servers]``, the first N ShareGPT
 conversations, every assistant turn regenerated turn by turn, greedy, fixed ``max_tokens``) into its own
 folder under ``--out``; its manifest's ``throughput`` (output tokens / seconds of the run loop) is the
 figure. A warm-up pass first (CUDA graphs / torch.compile / transformers' continuous-batching set-up happen
 on the first requests). engine=transformers on a GPU: the servers get ``--cb-use-cuda-graph``
-(``common.server.transformers_command``; ``--no-cuda-graph`` for the eager A/B), ``OMP_NUM_THREADS`` = cores /
-servers unless set, and no PyPI update check at start-up (``HF_HUB_DISABLE_UPDATE_CHECK``). Writes
+(``common.server.transformers_command``; ``--no-cuda-graph`` for the eager A/B) and no PyPI update check at
+start-up (``HF_HUB_DISABLE_UPDATE_CHECK``). Writes
 ``--out/bench_stage1.json`` (command, date, device, settings, one row per concurrency) and prints a Markdown table.
 """
 from __future__ import annotations
@@ -50,9 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")  # `transformers` CLI: no PyPI probe at each server start
 
-from common.server import ENGINE_NAMES, ENGINES, cuda_available, free_port, install_signal_handlers, redact_args  # noqa: E402,E501
+from common.server import ENGINE_NAMES, ENGINES, cuda_available, install_signal_handlers, redact_args  # noqa: E402
 from common.target import TargetSpec  # noqa: E402
-from stage1_sample.__main__ import run_stage1, stage1_server  # noqa: E402
+from stage1_sample.__main__ import launch_replicas, run_stage1  # noqa: E402
 from stage1_sample.config import SampleConfig  # noqa: E402
 from stage1_sample.formats import load_conversations  # noqa: E402
 
@@ -133,15 +133,14 @@ def main() -> None:
     if args.engine == "transformers":
         if args.no_cuda_graph:
             args.server_arg.append("--no-cb-use-cuda-graph")  # after the builder's --cb-use-cuda-graph: last one wins
-        if cuda_available() and not args.url:  # N servers x all cores of OpenMP threads would oversubscribe the host
-            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.servers))))
 
     date = dt.datetime.now(dt.timezone.utc)
     out = args.out or REPO / "benchmarks/results" / f"stage1-{args.engine}-{date:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     base = [f"target={args.target}", f"sample.server.engine={args.engine}", f"sample.input={args.input}",
             "sample.temperature=0", "sample.top_p=1.0", "sample.seed=0", f"sample.max_tokens={args.max_tokens}",
-            "sample.resume=false", "sample.max_retries=2", f"sample.server.startup_timeout={args.startup_timeout}"]
+            "sample.resume=false", "sample.max_retries=2", f"sample.server.startup_timeout={args.startup_timeout}",
+            f"sample.server.replicas={args.servers}"]
     if args.model:
         base.append(f"target.path={args.model}")
     for key, value in (("cb_num_blocks", args.cb_num_blocks), ("cb_max_batch_tokens", args.cb_max_batch_tokens),
@@ -174,17 +173,10 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         if args.url:
             urls = [args.url.rstrip("/")]
-        else:
-            servers = []
-            for i in range(args.servers):
-                log_file = out / ("server.log" if args.servers == 1 else f"server-{i}.log")
-                server = stage1_server(cfg, target, free_port(), log_file, extra_args=args.server_arg)
-                record["server_command"] = shlex.join(map(str, redact_args(server.cmd)))
-                stack.callback(server.stop)  # whole process group, on exit, error and Ctrl-C
-                servers.append(server.start())
+        else:  # what stage 1 launches for sample.server.launch=true (sample.server.replicas of them)
             print(f"starting {args.servers} x {ENGINE_NAMES[args.engine]} (logs in {out}) ...", flush=True)
-            for server in servers:   # started together: their start-ups overlap
-                server.wait_healthy()
+            servers = launch_replicas(cfg, target, out, stack, extra_args=args.server_arg)
+            record["server_command"] = shlex.join(map(str, redact_args(servers[0].cmd)))
             urls = [server.url for server in servers]
         url = ",".join(urls)
         stage1 = base + ["sample.server.launch=false", f"sample.server.urls=[{url}]"]

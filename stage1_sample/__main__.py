@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,29 +113,53 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def stage1_server(cfg: SampleConfig, target: TargetSpec, port: int, log_file: Path, extra_args: list[str] = ()):
-    """The server ``sample.server.launch=true`` starts (not yet started): the engine's command for the target
-    (its parsers, dtype, length, ``cb_*`` bounds) plus ``sample.server.extra_args``. The benchmark starts the same."""
+def stage1_server(cfg: SampleConfig, target: TargetSpec, port: int, log_file: Path, extra_args: list[str] = (),
+                  env: dict[str, str] | None = None):
+    """One server ``sample.server.launch=true`` starts (not yet started): the engine's command for the target
+    (its parsers, dtype, length, ``cb_*`` bounds) plus ``sample.server.extra_args``; ``env`` over
+    ``sample.server.env``."""
     cmd = server_command(cfg.server.engine, target.path, target.served_name, port, dtype=target.dtype,
                          max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
                          tool_call_parser=target.tool_call_parser, reasoning_parser=target.reasoning_parser,
                          extra_args=[*cfg.server.extra_args, *extra_args], cb=cfg.cb_bounds())
-    return launch(cfg.server.engine, cmd, port=port, env=cfg.server.env, log_file=log_file,
+    return launch(cfg.server.engine, cmd, port=port, env={**(env or {}), **cfg.server.env}, log_file=log_file,
                   startup_timeout=cfg.server.startup_timeout)
+
+
+def launch_replicas(cfg: SampleConfig, target: TargetSpec, log_dir: Path, stack: contextlib.ExitStack,
+                    extra_args: list[str] = ()) -> list:
+    """Start ``sample.server.replicas`` servers together (their start-ups overlap), each stopped by ``stack`` (exit,
+    error, Ctrl-C); return them once all are healthy. Logs: ``server.log``, or ``server-<i>.log`` for several.
+    Several share the host's cores: each gets ``OMP_NUM_THREADS`` = cores / replicas unless the environment or
+    ``sample.server.env`` sets it (N processes x all cores of OpenMP threads oversubscribe the host)."""
+    n = cfg.server.replicas
+    env = {}
+    if n > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    servers = []
+    for i in range(n):
+        port = cfg.server.port + i if cfg.server.port else free_port()
+        server = stage1_server(cfg, target, port, log_dir / ("server.log" if n == 1 else f"server-{i}.log"),
+                               extra_args, env)
+        stack.callback(server.stop)  # registered before start: a failed start-up still stops the whole group
+        servers.append(server.start())
+    log.info("starting %d x %s for %s (logs in %s)", n, ENGINE_NAMES[cfg.server.engine], target.path, log_dir)
+    for server in servers:
+        server.wait_healthy()
+    return servers
 
 
 def regenerate_all(items: Iterator[Conversation | Skipped], cfg: SampleConfig, target: TargetSpec,
                    writer: ConversationWriter, sampling: dict[str, Any], launch_server: bool) -> Tally:
-    """Regenerate ``items`` through ``sample.server.urls``, or through a server started for this (and stopped)."""
+    """Regenerate ``items`` through ``sample.server.urls``, or through the servers started for this (and stopped)."""
     engine = cfg.server.engine
     urls, tools_refused = cfg.server.urls, None  # a server we did not start is trusted to take tools
     with contextlib.ExitStack() as stack:
         if launch_server:
-            server = stage1_server(cfg, target, cfg.server.port or free_port(), writer.dir / "server.log")
-            if engine == "vllm" and not parses_tool_calls(server.cmd):
+            servers = launch_replicas(cfg, target, writer.dir, stack)
+            if engine == "vllm" and not parses_tool_calls(servers[0].cmd):
                 tools_refused = TOOLS_REFUSED
-            log.info("starting %s for %s (log: %s)", ENGINE_NAMES[engine], target.path, server.log_file)
-            urls = [stack.enter_context(server).url]
+            urls = [server.url for server in servers]
         model_name = request_model_name(engine, target.path, target.served_name)
         return asyncio.run(_sample(items, urls, model_name, cfg, writer, sampling, tools_refused))
 

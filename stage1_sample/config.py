@@ -18,7 +18,10 @@ class ServerConfig:
     engine: str = "vllm"                # what a launch starts / what `urls` run: vllm | transformers (`transformers serve`)
     launch: bool = True                 # start a server for the run (stopped at the end, also on Ctrl-C)
     urls: list[str] = field(default_factory=list)  # running OpenAI-compatible servers (round robin); non-empty: no launch
-    port: int = 0                       # port of the launched server; 0 = a free one
+    port: int = 0                       # port of the launched server; 0 = a free one (replicas: port, port+1, ...)
+    # servers launched side by side on this machine (same devices), stage 1 round-robins over them: the way past
+    # one host-bound `transformers serve` process on a GPU; each gets OMP_NUM_THREADS = cores / replicas unless set
+    replicas: int = 1
     extra_args: list[str] = field(default_factory=list)  # appended to the server's command line
     env: dict[str, str] = field(default_factory=dict)    # extra environment of the launched server
     startup_timeout: float = 900.0      # seconds to wait for /health before giving up
@@ -38,6 +41,8 @@ class ServerConfig:
                              f"got {self.cb_max_memory_percent}")
         if not self.launch and not self.urls:
             raise ValueError("sample.server.launch=false needs sample.server.urls=[http://host:port, ...]")
+        if self.replicas < 1:
+            raise ValueError(f"sample.server.replicas must be >= 1, got {self.replicas}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"sample.server.port must be in [0, 65535], got {self.port}")
         if self.startup_timeout <= 0:

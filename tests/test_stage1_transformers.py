@@ -185,3 +185,22 @@ def test_temperature_samples_through_transformers_serve(smollm2_dir, tmp_path):
     with launch("transformers", cmd, port=port, log_file=tmp_path / "server.log", startup_timeout=600):
         texts = asyncio.run(answers())
     assert all(t.strip() for t in texts) and len(set(texts)) >= 2, texts  # greedy would give 4 equal answers
+
+
+@pytest.mark.slow
+def test_cli_replicas_spread_the_requests_then_no_process_left(smollm2_dir, tmp_path):
+    """sample.server.replicas=2: stage 1 starts two servers side by side, round-robins the turns over both (each
+    log shows answered requests) and stops both process groups at the end."""
+    _write_input(tmp_path / "in.jsonl")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stage1_sample", f"sample.input={tmp_path / 'in.jsonl'}", f"sample.output_dir={out}",
+           f"target.path={smollm2_dir}", "sample.server.engine=transformers", "sample.server.replicas=2",
+           "sample.server.cb_num_blocks=32", "sample.server.cb_max_batch_tokens=512",
+           "sample.max_tokens=8", "sample.temperature=0", "sample.concurrency=2", "sample.max_retries=1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["accounting"]["written"] == 3
+    for i in range(2):
+        assert "POST /v1/chat/completions" in (out / f"server-{i}.log").read_text(), i
+    groups = re.findall(r"started transformers serve \(pid \d+, pgid (\d+)\)", (out / "sample.log").read_text())
+    assert len(groups) == 2 and all(_pgid_members(int(g)) == [] for g in groups)
