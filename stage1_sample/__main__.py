@@ -22,13 +22,13 @@ from common.entry import config_yaml, hydra_entry
 from common.files import atomic_write_text
 from common.logs import get_logger
 from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, parses_tool_calls,
-                           request_model_name, returns_token_ids, sampling_fields, server_command)
+                           request_model_name, returns_token_ids, sampling_fields, server_command, stop_servers)
 from common.target import TargetSpec
 
 from .client import ChatClient, api_key_from_env
 from .config import SampleConfig
 from .formats import Conversation, Skipped, load_conversations
-from .regenerate import Tally, run_loop
+from .regenerate import ContextBudget, Tally, run_loop
 from .writer import ConversationWriter
 
 log = get_logger("stage1")
@@ -36,7 +36,7 @@ log = get_logger("stage1")
 # use the same ones
 RESUME_KEYS = [("target", "name"), ("target", "path"), ("target", "tool_call_parser"), ("target", "reasoning_parser"),
                ("sample", "input"), ("sample", "format"), ("sample", "temperature"), ("sample", "top_p"),
-               ("sample", "max_tokens"), ("sample", "seed"), ("sample", "chat_template_kwargs")]
+               ("sample", "max_tokens"), ("sample", "max_conversation_tokens"), ("sample", "seed"), ("sample", "chat_template_kwargs")]
 TOOLS_REFUSED = ("has tools, but the launched vLLM has no tool parser (target.tool_call_parser is null), so it "
                  "would answer HTTP 400")
 
@@ -86,10 +86,12 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     sampling = cfg.sampling_params()
     sampling["chat_template_kwargs"] = {**target.chat_template_kwargs, **cfg.chat_template_kwargs}
     launched = bool(cfg.server.launch and not cfg.server.urls and items is not None)
+    budget = None if cfg.max_conversation_tokens is None or items is None else ContextBudget.for_target(
+        cfg.max_conversation_tokens, target.path, target.trust_remote_code, sampling["chat_template_kwargs"])
     t0 = time.monotonic()
     try:
         tally = Tally(end=time.monotonic()) if items is None else \
-            regenerate_all(items, cfg, target, writer, sampling, launched)
+            regenerate_all(items, cfg, target, writer, sampling, launched, budget)
     except BaseException:
         writer.close()  # leave the partial shard for sample.resume=true
         raise
@@ -102,10 +104,15 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
             "server": {"engine": cfg.server.engine, "launched": launched, "concurrency": cfg.concurrency},
             "elapsed_s": round(time.monotonic() - t0, 1),
             "throughput": tally.throughput(),  # this pass, server start-up excluded
+            # sample.max_conversation_tokens: the limit and how many conversations of this pass ended at it
+            "max_conversation_tokens": cfg.max_conversation_tokens,
+            "num_cut": budget.num_cut if budget is not None else 0,
         },
         tally.accounting(),
     )
     print(tally.line(), flush=True)
+    if budget is not None:
+        print(f"{budget.num_cut} conversations ended at sample.max_conversation_tokens={budget.max_tokens}", flush=True)
     counts = manifest["token_ids"]
     print(f"token ids: {counts['with_server_ids']} conversations with the server's ids, "
           f"{counts['without_server_ids']} without (stage 2 re-tokenises their text)", flush=True)
@@ -136,13 +143,14 @@ def launch_replicas(cfg: SampleConfig, target: TargetSpec, log_dir: Path, stack:
     env = {}
     if n > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
-    servers = []
-    for i in range(n):
+    servers: list = []
+    stack.callback(stop_servers, servers)  # before any start: a failed start-up still stops the whole group, and
+    for i in range(n):                     # all of them together (SIGTERM to each, one deadline)
         port = cfg.server.port + i if cfg.server.port else free_port()
         server = stage1_server(cfg, target, port, log_dir / ("server.log" if n == 1 else f"server-{i}.log"),
                                extra_args, env)
-        stack.callback(server.stop)  # registered before start: a failed start-up still stops the whole group
-        servers.append(server.start())
+        servers.append(server)
+        server.start()
     log.info("starting %d x %s for %s (logs in %s)", n, ENGINE_NAMES[cfg.server.engine], target.path, log_dir)
     for server in servers:
         server.wait_healthy()
@@ -150,7 +158,8 @@ def launch_replicas(cfg: SampleConfig, target: TargetSpec, log_dir: Path, stack:
 
 
 def regenerate_all(items: Iterator[Conversation | Skipped], cfg: SampleConfig, target: TargetSpec,
-                   writer: ConversationWriter, sampling: dict[str, Any], launch_server: bool) -> Tally:
+                   writer: ConversationWriter, sampling: dict[str, Any], launch_server: bool,
+                   budget: ContextBudget | None = None) -> Tally:
     """Regenerate ``items`` through ``sample.server.urls``, or through the servers started for this (and stopped)."""
     engine = cfg.server.engine
     urls, tools_refused = cfg.server.urls, None  # a server we did not start is trusted to take tools
@@ -161,17 +170,17 @@ def regenerate_all(items: Iterator[Conversation | Skipped], cfg: SampleConfig, t
                 tools_refused = TOOLS_REFUSED
             urls = [server.url for server in servers]
         model_name = request_model_name(engine, target.path, target.served_name)
-        return asyncio.run(_sample(items, urls, model_name, cfg, writer, sampling, tools_refused))
+        return asyncio.run(_sample(items, urls, model_name, cfg, writer, sampling, tools_refused, budget))
 
 
 async def _sample(items: Any, urls: list[str], model: str, cfg: SampleConfig, writer: ConversationWriter,
-                  sampling: dict[str, Any], tools_refused: str | None) -> Tally:
+                  sampling: dict[str, Any], tools_refused: str | None, budget: ContextBudget | None) -> Tally:
     engine = cfg.server.engine
     async with ChatClient(urls, model, timeout=cfg.request_timeout, max_retries=cfg.max_retries,
                           api_key=api_key_from_env(), return_token_ids=returns_token_ids(engine),
                           extra_body=sampling_fields(engine, model, cfg.temperature, cfg.top_p)) as client:
         return await run_loop(items, client, writer, sampling, cfg.concurrency, total=cfg.num_prompts,
-                              tools_refused=tools_refused)
+                              tools_refused=tools_refused, budget=budget)
 
 
 def _main(resolved: dict[str, Any]) -> None:

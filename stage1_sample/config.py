@@ -63,6 +63,9 @@ class SampleConfig:
     temperature: float = 0.7            # sampling temperature (0 = greedy)
     top_p: float = 1.0                  # nucleus sampling
     max_tokens: int = 2048              # new tokens per assistant turn
+    # stop each conversation where stage 2 cuts it (its hidden.max_length with on_too_long=truncate): the answer
+    # reaching it is cut there (+ a few tokens), later turns are not generated; null = every turn in full
+    max_conversation_tokens: int | None = None
     seed: int | None = 0                # per-request seed = f(seed, id, turn); null = unseeded
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
     request_timeout: float = 600.0      # deadline of one HTTP request, body included (a retryable timeout)
@@ -78,6 +81,8 @@ class SampleConfig:
             raise ValueError(f"sample.format must be one of {FORMATS}, got {self.format!r}")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"sample.num_prompts must be >= 1 or null, got {self.num_prompts}")
+        if self.max_conversation_tokens is not None and self.max_conversation_tokens < 1:
+            raise ValueError(f"sample.max_conversation_tokens must be >= 1 or null, got {self.max_conversation_tokens}")
         for name in ("rows_per_shard", "concurrency", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")

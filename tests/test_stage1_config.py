@@ -41,6 +41,7 @@ def test_sample_yaml_composes_and_validates():
     ("sample.server.cb_num_blocks=0", "sample.server.cb_num_blocks"),
     ("sample.server.cb_max_memory_percent=1.5", "sample.server.cb_max_memory_percent"),
     ("sample.server.replicas=0", "sample.server.replicas"),
+    ("sample.max_conversation_tokens=0", "sample.max_conversation_tokens"),
 ])
 def test_bad_values_are_value_errors(override, match):
     with pytest.raises(ValueError, match=match):

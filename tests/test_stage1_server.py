@@ -1,5 +1,6 @@
 """Stage 1 against a real vLLM CPU server on SmolLM2: turn-by-turn answers, token ids equal to the
-tokenizer's rendering, the CLI killed with -9 and resumed (no loss, no duplicates), Ctrl-C leaving no
+tokenizer's rendering, sample.max_conversation_tokens stopping a conversation exactly where the server's own
+prompt ids reach the limit, the CLI killed with -9 and resumed (no loss, no duplicates), Ctrl-C leaving no
 server process behind."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from stage1_sample.client import ChatClient
 from stage1_sample.formats import Conversation, load_conversations
-from stage1_sample.regenerate import regenerate
+from stage1_sample.regenerate import ContextBudget, PromptTooLong, regenerate
 
 REPO = Path(__file__).resolve().parent.parent
 # two assistant turns to regenerate, and it ends on a user turn: one more answer is generated
@@ -67,6 +68,46 @@ def test_turn_by_turn_regeneration_and_token_ids(vllm_server, smollm2_dir):
     # greedy + fixed seed: the same answers again
     assert asyncio.run(go())[0] == record
 
+
+
+POEMS = Conversation("p1", [
+    {"role": "user", "content": "Write a short poem about the sea."},
+    {"role": "assistant", "content": "ORIGINAL ONE"},
+    {"role": "user", "content": "Now one about the sky."},
+    {"role": "assistant", "content": "ORIGINAL TWO"},
+])
+
+
+def test_max_conversation_tokens_stops_where_the_server_prompt_reaches_it(vllm_server, smollm2_dir):
+    """The budget counts the prompt as the server sees it (= vLLM's prompt_token_ids); an answer that would cross
+    the limit is capped at limit - prompt + MARGIN tokens (the same greedy tokens up to there), no turn starts at or
+    past the limit, and a first prompt past it is refused."""
+    async def go(b):
+        async with ChatClient([vllm_server], "smollm2-135m", timeout=120, max_retries=2) as client:
+            return await regenerate(client, POEMS, {**SAMPLING, "max_tokens": 32}, budget=b)
+
+    full = asyncio.run(go(None))[0]["messages"]
+    first, second = full[1], full[3]
+    p1, p2 = len(first["prompt_token_ids"]), len(second["prompt_token_ids"])
+    renderer = ContextBudget.for_target(p2, str(smollm2_dir)).renderer
+    assert len(renderer.prompt_ids(full[:1])) == p1 and len(renderer.prompt_ids(full[:3])) == p2  # as vLLM counts
+
+    # limit = turn 2's prompt: turn 1 is answered in full, turn 2 is never sent
+    budget = ContextBudget.for_target(p2, str(smollm2_dir))
+    record, num_tokens = asyncio.run(go(budget))
+    assert record["messages"] == full[:2] and num_tokens == len(first["completion_token_ids"]) and budget.num_cut == 1
+
+    # a limit inside turn 1's answer: that answer is cut MARGIN tokens past it, the same tokens up to there
+    assert len(first["completion_token_ids"]) > 4 + ContextBudget.MARGIN, "turn 1 too short for this test"
+    budget = ContextBudget.for_target(p1 + 4, str(smollm2_dir))
+    record, num_tokens = asyncio.run(go(budget))
+    answer = record["messages"][-1]
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert answer["finish_reason"] == "length" and num_tokens == 4 + ContextBudget.MARGIN
+    assert answer["completion_token_ids"] == first["completion_token_ids"][: 4 + ContextBudget.MARGIN]
+
+    with pytest.raises(PromptTooLong, match="max_conversation_tokens"):
+        asyncio.run(go(ContextBudget.for_target(p1, str(smollm2_dir))))
 
 def _write_input(path: Path) -> list[str]:
     """12 good conversations (some 2-turn), 1 bad record, 1 whose prompt overflows max_model_len=4096."""
@@ -195,8 +236,9 @@ print("fake server starting", flush=True)
 if mode == "fail":
     print("boom: no such model", flush=True)
     sys.exit(3)
-if mode == "hang":
+if mode in ("hang", "stubborn"):   # stubborn: healthy, but only SIGKILL stops it (a server draining requests)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if mode == "hang":
     time.sleep(600)
 
 class H(http.server.BaseHTTPRequestHandler):
@@ -253,6 +295,26 @@ def test_launcher_failure_shows_the_log_tail_and_leaves_nothing(tmp_path, mode, 
     assert "fake server starting" in log_text
     assert server.proc is None and server.pid
     _wait_group_gone(server.pid)  # the SIGTERM-ignoring child (and, for "hang", the server) got the SIGKILL
+
+
+def test_replicas_stop_together_on_one_deadline(tmp_path):
+    """Replicas that do not exit on SIGTERM are stopped on one shared deadline (SIGTERM to all, then SIGKILL), not
+    one stop_timeout after the other: N servers stop in about one timeout, and no process of any group is left."""
+    from common.server import stop_servers
+
+    servers = []
+    for i in range(3):
+        (tmp_path / str(i)).mkdir()
+        servers.append(_fake(tmp_path / str(i), "stubborn", startup_timeout=60, stop_timeout=3).start())
+    for server in servers:
+        server.wait_healthy()
+    t0 = time.monotonic()
+    stop_servers(servers)
+    took = time.monotonic() - t0
+    assert 3 <= took < 6, f"3 servers with a 3 s stop timeout took {took:.1f} s (one after the other: >= 9 s)"
+    for server in servers:
+        assert server.proc is None
+        _wait_group_gone(server.pid)
 
 
 def test_launcher_ctrl_c_stops_the_whole_group(tmp_path):
