@@ -20,25 +20,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # The original records of exactly the conversations stage 1 wrote (its skipped and failed ones left out of both).
 $PY - "$STAGE1" "$ORIGINAL" "$RUN/original.jsonl" <<'EOF'
-import gzip, json, sys
-from pathlib import Path
-stage1, original, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-manifest_file = stage1 / "manifest.json"
-if not manifest_file.exists():
-    sys.exit(f"{manifest_file} is missing: stage 1 has not finished there (run it again: it resumes)")
-manifest = json.loads(manifest_file.read_text())
-ids = set()
-for shard in manifest["shards"]:
-    with open(stage1 / shard["file"]) as f:
-        ids.update(json.loads(line)["id"] for line in f)
-opener = gzip.open if original.suffix == ".gz" else open
-kept = set()   # the first record of an id, as stage 1 kept it
-with opener(original, "rt") as f, open(out, "w") as g:
-    for line in f:
-        cid = json.loads(line).get("id")
-        if cid in ids and cid not in kept:
-            g.write(line)
-            kept.add(cid)
+import json, sys
+from stage1_sample.formats import Conversation, load_conversations
+stage1, original, out = sys.argv[1:]
+# a stage-1 folder is read through its manifest (refused, with how to resume it, when the pass has not finished);
+# the original records go through the same reader, so their ids (and duplicate rule) are the ones stage 1 used
+ids = {c.id for c in load_conversations(stage1) if isinstance(c, Conversation)}
+kept = [c for c in load_conversations(original) if isinstance(c, Conversation) and c.id in ids]
+with open(out, "w") as f:
+    f.writelines(json.dumps(c.to_json()) + "\n" for c in kept)
 if len(kept) != len(ids):
     sys.exit(f"{original} has {len(kept)} of the {len(ids)} conversations in {stage1}: not the input stage 1 read")
 print(f"{len(kept)} conversations: regenerated ({stage1}) and original ({out})")

@@ -36,7 +36,8 @@ log = get_logger("stage1")
 # use the same ones
 RESUME_KEYS = [("target", "name"), ("target", "path"), ("target", "tool_call_parser"), ("target", "reasoning_parser"),
                ("sample", "input"), ("sample", "format"), ("sample", "temperature"), ("sample", "top_p"),
-               ("sample", "max_tokens"), ("sample", "max_conversation_tokens"), ("sample", "seed"), ("sample", "chat_template_kwargs")]
+               ("sample", "max_tokens"), ("sample", "max_conversation_tokens"), ("sample", "seed"),
+               ("sample", "chat_template_kwargs")]
 TOOLS_REFUSED = ("has tools, but the launched vLLM has no tool parser (target.tool_call_parser is null), so it "
                  "would answer HTTP 400")
 
