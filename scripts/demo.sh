@@ -64,10 +64,9 @@ for ds, per in evaluation["results"].items():
         if isinstance(s, dict) and "acceptance_length" in s:
             rows.append((f"offline acceptance length, {ds} {spec} ({per['num_prompts']} prompts)",
                          f"{s['acceptance_length']:.3f}"))
-k = bench["config"]["num_speculative_tokens"]
 for c, s in bench["summary"].items():
     pos = " / ".join(f"{p:.2f}" for p in s["per_position"])
-    rows.append((f"SERVED acceptance length, vLLM k={k}, concurrency {c} ({len(bench['prompts'])} MT-bench prompts)",
+    rows.append((f"SERVED acceptance length, vLLM k={s['best_k']}, concurrency {c} ({len(bench['prompts'])} MT-bench prompts)",
                  f"{s['acceptance_length']:.3f} (per position {pos})"))
     if "speedup" in s:
         rows.append((f"served tokens/s baseline -> EAGLE-3, concurrency {c}",

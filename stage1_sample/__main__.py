@@ -124,12 +124,13 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
 def stage1_server(cfg: SampleConfig, target: TargetSpec, port: int, log_file: Path, extra_args: list[str] = (),
                   env: dict[str, str] | None = None):
     """One server ``sample.server.launch=true`` starts (not yet started): the engine's command for the target
-    (its parsers, dtype, length, ``cb_*`` bounds) plus ``sample.server.extra_args``; ``env`` over
+    (its parsers, dtype, length, vLLM's GPU share and batch bound, ``cb_*`` bounds) plus ``sample.server.extra_args``; ``env`` over
     ``sample.server.env``."""
     cmd = server_command(cfg.server.engine, target.path, target.served_name, port, dtype=target.dtype,
-                         max_model_len=target.max_model_len, trust_remote_code=target.trust_remote_code,
-                         tool_call_parser=target.tool_call_parser, reasoning_parser=target.reasoning_parser,
-                         extra_args=[*cfg.server.extra_args, *extra_args], cb=cfg.cb_bounds())
+                         max_model_len=cfg.server.max_model_len or target.max_model_len,
+                         trust_remote_code=target.trust_remote_code, tool_call_parser=target.tool_call_parser,
+                         reasoning_parser=target.reasoning_parser, extra_args=[*cfg.server.extra_args, *extra_args],
+                         cb=cfg.cb_bounds(), vllm_gpu=cfg.vllm_gpu_settings())
     return launch(cfg.server.engine, cmd, port=port, env={**(env or {}), **cfg.server.env}, log_file=log_file,
                   startup_timeout=cfg.server.startup_timeout)
 

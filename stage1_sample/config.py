@@ -29,11 +29,23 @@ class ServerConfig:
     cb_num_blocks: int | None = None        # --cb-num-blocks (blocks of 256 tokens)
     cb_max_batch_tokens: int | None = None  # --cb-max-batch-tokens
     cb_max_memory_percent: float | None = None  # --cb-max-memory-percent (fraction of free GPU memory)
+    # engine=vllm on a GPU (ignored on CPU): the card's share each launched server takes (weights + CUDA graphs +
+    # KV cache; null = 0.9 / replicas, so side-by-side replicas fit), the sequences one decodes at once (null =
+    # vLLM's default), and the context it accepts (null = target.max_model_len)
+    gpu_memory_utilization: float | None = None  # --gpu-memory-utilization
+    max_num_seqs: int | None = None              # --max-num-seqs
+    max_model_len: int | None = None             # --max-model-len
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"sample.server.engine must be one of {ENGINES}, got {self.engine!r}")
         for name in ("cb_num_blocks", "cb_max_batch_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"sample.server.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"sample.server.gpu_memory_utilization must be in (0, 1] or null, "
+                             f"got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "max_model_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"sample.server.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.cb_max_memory_percent is not None and not 0 < self.cb_max_memory_percent <= 1:
@@ -123,6 +135,11 @@ class SampleConfig:
             "seed": self.seed,
             "chat_template_kwargs": dict(self.chat_template_kwargs),
         }
+
+    def vllm_gpu_settings(self) -> dict[str, Any]:
+        """vLLM's GPU flags for each launched server (``common.server.vllm_command``): replicas split the card."""
+        share = self.server.gpu_memory_utilization or round(0.9 / self.server.replicas, 4)
+        return {"gpu_memory_utilization": share, "max_num_seqs": self.server.max_num_seqs}
 
     def cb_bounds(self) -> dict[str, Any]:
         """``transformers_command``'s continuous-batching keyword arguments."""

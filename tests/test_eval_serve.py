@@ -52,16 +52,67 @@ def test_parse_metrics_and_acceptance():
 def test_summary_table_and_config(tmp_path):
     spec = {"drafts": 10, "accepted": 5, "acceptance_length": 1.5, "per_position": [0.4, 0.1, 0.0],
             "draft_acceptance_rate": 5 / 30}
-    results = {"baseline": {"passes": {"4": {"output_tokens_per_s": 100.0, "completion_ids": [[1, 2], [3]]}}},
-               "eagle3": {"passes": {"4": {"output_tokens_per_s": 80.0, "completion_ids": [[1, 2], [4]],
-                                           "spec": spec}}}}
+    results = {"baseline": {"passes": {"4": {"output_tokens_per_s": 100.0, "tpot_ms": 10.0,
+                                             "completion_ids": [[1, 2], [3]]}}},
+               "eagle3-k3": {"passes": {"4": {"output_tokens_per_s": 80.0, "tpot_ms": 12.5,
+                                              "completion_ids": [[1, 2], [4]], "spec": spec}}}}
     s = summarize(results)["4"]
     assert s["speedup"] == 0.8 and s["identical_outputs"] == "1/2" and s["acceptance_length"] == 1.5
-    assert "| 4 | 100.0 | 80.0 | 0.8 | 1.500 | 0.400 / 0.100 / 0.000 | 1/2 |" in format_table(summarize(results), 3)
+    assert s["best_k"] == 3 and s["baseline_tpot_ms"] == 10.0 and s["eagle3_tpot_ms"] == 12.5
+    assert "| 4 | 100.0 | 80.0 | 0.8 | 3 | 1.500 | 0.400 / 0.100 / 0.000 | 10.0 -> 12.5 | 1/2 |" in format_table(
+        summarize(results))
     with pytest.raises(ValueError, match="export folder"):
         ServeBenchConfig(draft=str(tmp_path))
     with pytest.raises(ValueError):
         ServeBenchConfig(draft=str(tmp_path), concurrency=[])
+
+
+def test_best_k_per_concurrency_is_the_fastest():
+    """With several k served, each concurrency's row takes the k with the highest output tokens/s (not the
+    longest acceptance), and the second table lists every k's speedup."""
+    def spec(acc):
+        return {"drafts": 10, "accepted": 1, "acceptance_length": acc, "per_position": [0.1],
+                "draft_acceptance_rate": 0.1}
+
+    def passes(rates, acc):
+        return {"passes": {c: {"output_tokens_per_s": r, "tpot_ms": 1000 / r, "completion_ids": [[1]],
+                               "spec": spec(acc)} for c, r in rates.items()}}
+
+    results = {"baseline": {"passes": {c: {"output_tokens_per_s": 100.0, "tpot_ms": 10.0, "completion_ids": [[1]]}
+                                       for c in ("1", "64")}},
+               "eagle3-k1": passes({"1": 130.0, "64": 120.0}, 1.6),
+               "eagle3-k3": passes({"1": 160.0, "64": 110.0}, 2.1),
+               "eagle3-k5": passes({"1": 150.0, "64": 90.0}, 2.3)}
+    summary = summarize(results)
+    assert summary["1"]["best_k"] == 3 and summary["1"]["speedup"] == 1.6
+    assert summary["64"]["best_k"] == 1 and summary["64"]["speedup"] == 1.2
+    assert set(summary["1"]["by_k"]) == {"1", "3", "5"} and summary["64"]["by_k"]["5"]["speedup"] == 0.9
+    table = format_table(summary)
+    assert "| 64 | 1.2 (1.600) | 1.1 (2.100) | 0.9 (2.300) |" in table
+
+
+def test_servers_started_together_split_the_gpu(tmp_path):
+    """On a GPU every server (baseline + one per k) is started at once with an equal share of the card; on a CPU
+    they start one at a time with no GPU flag; a single k given as an int is a one-element sweep."""
+    from evaluation.serve import server_commands
+
+    draft = tmp_path / "export"
+    draft.mkdir()
+    (draft / "config.json").write_text("{}")
+    cfg = ServeBenchConfig(draft=str(draft), num_speculative_tokens=[1, 2, 3], port=9000)
+    gpu = server_commands(cfg, together=True, gpu=True)
+    assert [(name, k, port) for name, k, port, _ in gpu] == [("baseline", None, 9000), ("eagle3-k1", 1, 9001),
+                                                             ("eagle3-k2", 2, 9002), ("eagle3-k3", 3, 9003)]
+    for name, k, _, cmd in gpu:
+        assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.225"
+        assert ("--speculative-config" in cmd) == (k is not None)
+        if k is not None:
+            assert json.loads(cmd[cmd.index("--speculative-config") + 1])["num_speculative_tokens"] == k
+    cpu = server_commands(cfg, together=False, gpu=False)
+    assert not any("--gpu-memory-utilization" in cmd for *_, cmd in cpu)
+    assert ServeBenchConfig(draft=str(draft), num_speculative_tokens=4).num_speculative_tokens == [4]
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        ServeBenchConfig(draft=str(draft), num_speculative_tokens=[0])
 
 
 @pytest.mark.slow
@@ -75,14 +126,14 @@ def test_bench_serve_on_the_real_vllm_cpu_server(smollm2_dir, random_smollm2_exp
     report = run(cfg)
     saved = json.loads((out / "bench_serve.json").read_text())
     assert saved["complete"] is True
-    p = saved["results"]["eagle3"]["passes"]["2"]
+    p = saved["results"]["eagle3-k3"]["passes"]["2"]
     assert p["requests"] == 4 and 4 <= p["output_tokens"] <= 64 and p["output_tokens_per_s"] > 0
     spec = p["spec"]
     assert spec["drafts"] > 0 and 0 <= spec["accepted"] <= 3 * spec["drafts"]
     assert spec["drafts"] <= spec["draft_tokens"] <= 3 * spec["drafts"]
     assert len(spec["per_position"]) == 3 and 1.0 <= spec["acceptance_length"] <= 4.0
     assert spec["acceptance_length"] < 1.5           # a random draft accepts (almost) nothing
-    text = (out / "metrics-eagle3.txt").read_text()  # the real exposition: both parsers agree on it
+    text = (out / "metrics-eagle3-k3.txt").read_text()  # the real exposition: both parsers agree on it
     c = spec_counters(parse_metrics(text))
     assert c == spec_counters(_parse_metrics_plain(text))
     assert c["drafts"] >= spec["drafts"] and len(c["per_pos"]) == 3

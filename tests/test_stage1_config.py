@@ -53,8 +53,41 @@ def test_vllm_command_cpu_and_gpu():
     assert cpu[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"] and cpu[4] == "/m"
     assert cpu[cpu.index("--host") + 1] == "127.0.0.1" and cpu[-1] == "--enforce-eager"
     gpu = vllm_command("org/model", "name", 8001, gpu=True, max_model_len=None, trust_remote_code=True)
-    assert gpu[:3] == ["vllm", "serve", "org/model"] and "--max-model-len" not in gpu
-    assert "--trust-remote-code" in gpu
+    assert gpu[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "org/model"]
+    assert "--max-model-len" not in gpu and "--trust-remote-code" in gpu
+    assert "--gpu-memory-utilization" not in gpu and "--max-num-seqs" not in gpu   # vLLM's defaults
+
+
+def test_gpu_launch_settings_reach_the_vllm_command_line(tmp_path):
+    """sample.server.{gpu_memory_utilization,max_num_seqs,max_model_len} become the launched vLLM's flags on a
+    GPU; replicas split the card when no share is set; a CPU server gets none of the GPU flags."""
+    from omegaconf import OmegaConf
+
+    from common.target import TargetSpec
+    from stage1_sample.__main__ import stage1_server
+
+    def flags(*overrides, gpu=True):
+        cfg = _compose(*overrides)
+        sample = SampleConfig.from_omegaconf(cfg.sample)
+        import common.server as server
+        real = server.cuda_available
+        server.cuda_available = lambda: gpu
+        try:
+            target = TargetSpec.from_mapping(OmegaConf.to_container(cfg.target, resolve=True))
+            cmd = stage1_server(sample, target, 8001, tmp_path / "s.log").cmd
+        finally:
+            server.cuda_available = real
+        return {a: cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a.startswith("--")}
+
+    set_ = flags("sample.server.gpu_memory_utilization=0.3", "sample.server.max_num_seqs=512",
+                 "sample.server.max_model_len=3072")
+    assert set_["--gpu-memory-utilization"] == "0.3" and set_["--max-num-seqs"] == "512"
+    assert set_["--max-model-len"] == "3072"
+    split = flags("sample.server.replicas=4")
+    assert split["--gpu-memory-utilization"] == "0.225" and "--max-num-seqs" not in split
+    assert int(split["--max-model-len"]) > 0                      # the target's own length
+    cpu = flags("sample.server.gpu_memory_utilization=0.3", "sample.server.max_num_seqs=512", gpu=False)
+    assert "--gpu-memory-utilization" not in cpu and "--max-num-seqs" not in cpu
 
 
 def test_engine_transformers_composes():
