@@ -24,6 +24,7 @@ from common.logs import get_logger
 from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, parses_tool_calls,
                            request_model_name, returns_token_ids, sampling_fields, server_command, stop_servers)
 from common.target import TargetSpec
+from evaluation.holdout import drop_evaluation_prompts
 
 from .client import ChatClient, api_key_from_env
 from .config import SampleConfig
@@ -37,7 +38,9 @@ log = get_logger("stage1")
 RESUME_KEYS = [("target", "name"), ("target", "path"), ("target", "tool_call_parser"), ("target", "reasoning_parser"),
                ("sample", "input"), ("sample", "format"), ("sample", "temperature"), ("sample", "top_p"),
                ("sample", "max_tokens"), ("sample", "max_conversation_tokens"), ("sample", "seed"),
-               ("sample", "chat_template_kwargs")]
+               ("sample", "chat_template_kwargs"), ("sample", "drop_eval_prompts")]
+# a config.yaml stored before a setting existed lacks its key: that run behaved as this value (kept eval prompts)
+RESUME_DEFAULTS = {("sample", "drop_eval_prompts"): False}
 TOOLS_REFUSED = ("has tools, but the launched vLLM has no tool parser (target.tool_call_parser is null), so it "
                  "would answer HTTP 400")
 
@@ -50,8 +53,12 @@ def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
     if not old_file.exists():
         return
     old = yaml.safe_load(old_file.read_text()) or {}
-    diffs = [f"{a}.{b}: {old.get(a, {}).get(b)!r} -> {resolved[a].get(b)!r}"
-             for a, b in RESUME_KEYS if old.get(a, {}).get(b) != resolved[a].get(b)]
+
+    def stored(a: str, b: str) -> Any:
+        return old.get(a, {}).get(b, RESUME_DEFAULTS.get((a, b)))
+
+    diffs = [f"{a}.{b}: {stored(a, b)!r} -> {resolved[a].get(b)!r}"
+             for a, b in RESUME_KEYS if stored(a, b) != resolved[a].get(b)]
     old_n, new_n = old.get("sample", {}).get("num_prompts"), resolved["sample"].get("num_prompts")
     if new_n is not None and (old_n is None or new_n < old_n):
         diffs.append(f"sample.num_prompts: {old_n!r} -> {new_n!r} (fewer records than the shards may hold)")
@@ -61,8 +68,12 @@ def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
 
 
 def input_records(cfg: SampleConfig) -> Iterator[Conversation | Skipped] | None:
-    """The input's records, or None when it has none (found before a server is started for nothing)."""
+    """The input's records, or None when it has none (found before a server is started for nothing). With
+    ``sample.drop_eval_prompts`` a conversation opening on an evaluation prompt is a ``Skipped`` (the evaluation
+    sets are loaded at the first record, which is read before any server starts: a missing set fails at once)."""
     records = load_conversations(cfg.input, limit=cfg.num_prompts)
+    if cfg.drop_eval_prompts:
+        records = drop_evaluation_prompts(records)
     first = next(records, None)
     return None if first is None else itertools.chain([first], records)
 

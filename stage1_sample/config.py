@@ -84,6 +84,9 @@ class SampleConfig:
     max_retries: int = 6                # retries per request: connection errors, timeouts, 408/429/5xx, bad 200s
     resume: bool = True                 # continue an interrupted run in output_dir (finished ids are skipped)
     allow_empty: bool = False           # an input with no records is an error (a wrong path or split) unless true
+    # a conversation whose first user turn is an evaluation prompt (MT-bench / HumanEval / GSM8K) is skipped and
+    # counted: a draft trained on the prompts it is scored on would be measured on what it memorised
+    drop_eval_prompts: bool = True
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:

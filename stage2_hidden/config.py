@@ -30,6 +30,9 @@ class HiddenConfig:
     writer_queue: int = 2
     writer_threads: int = 2
     allow_empty: bool = False  # an input that yields no rows is an error (stage 3 would have nothing to train on)
+    # a conversation whose first user turn is an evaluation prompt (MT-bench / HumanEval / GSM8K) is skipped and
+    # counted: a draft trained on the prompts it is scored on would be measured on what it memorised
+    drop_eval_prompts: bool = True
 
     def __post_init__(self):
         if self.on_too_long not in ("truncate", "skip"):

@@ -46,10 +46,14 @@ log = get_logger("stage2")
 
 
 def iter_rendered(hcfg: HiddenConfig, renderer: ChatRenderer, max_length: int, stats: RenderStats) -> Iterator[Rendered]:
-    """Rendered, length-checked rows in input order (skips counted in ``stats``)."""
+    """Rendered, length-checked rows in input order (skips counted in ``stats``). With ``hidden.drop_eval_prompts`` a
+    conversation opening on an evaluation prompt is skipped as ``input: first user turn is an evaluation prompt
+    (<id>)``: a stage-1 output made with ``sample.drop_eval_prompts`` has none left, a raw prompt set may."""
+    from evaluation.holdout import drop_evaluation_prompts
     from stage1_sample.formats import Skipped, load_conversations
 
-    for item in load_conversations(hcfg.input, limit=hcfg.limit):
+    items = load_conversations(hcfg.input, limit=hcfg.limit)
+    for item in drop_evaluation_prompts(items) if hcfg.drop_eval_prompts else items:
         stats.input += 1
         if isinstance(item, Skipped):
             stats.skip(f"input: {item.reason}")
@@ -236,7 +240,8 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
         "input": str(hcfg.input),
     }
     identity = {**fields, "rows_per_shard": hcfg.rows_per_shard, "shard_bytes": hcfg.shard_bytes,
-                "batch_tokens": hcfg.batch_tokens, "on_too_long": hcfg.on_too_long, "limit": hcfg.limit}
+                "batch_tokens": hcfg.batch_tokens, "on_too_long": hcfg.on_too_long, "limit": hcfg.limit,
+                "drop_eval_prompts": hcfg.drop_eval_prompts}  # which rows the shards hold
     _check_identity(out_dir, identity, rank)
 
     stats = RenderStats()
