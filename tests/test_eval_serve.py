@@ -117,11 +117,12 @@ def test_servers_started_together_split_the_gpu(tmp_path):
 
 @pytest.mark.slow
 def test_bench_serve_on_the_real_vllm_cpu_server(smollm2_dir, random_smollm2_export, tmp_path):
-    """One speculating vLLM CPU server (~2-3 min start-up), 4 prompts x 16 tokens: the counters parse and agree."""
+    """One speculating vLLM CPU server (~2-3 min start-up), 4 prompts x 16 tokens at concurrency 1 and 2: the
+    counters parse and agree, and the table has a row per concurrency."""
     out = tmp_path / "bench"
     cfg = _plain_args(["--plain", "--target", str(smollm2_dir), "--served-name", "smollm2-135m",
                        "--draft", str(random_smollm2_export), "--out", str(out), "--num-prompts", "4",
-                       "--max-tokens", "16", "--concurrency", "2", "--baseline", "false",
+                       "--max-tokens", "16", "--concurrency", "1", "2", "--baseline", "false",
                        "--num-speculative-tokens", "3", "--warmup-requests", "1"])
     report = run(cfg)
     saved = json.loads((out / "bench_serve.json").read_text())
@@ -138,3 +139,8 @@ def test_bench_serve_on_the_real_vllm_cpu_server(smollm2_dir, random_smollm2_exp
     assert c == spec_counters(_parse_metrics_plain(text))
     assert c["drafts"] >= spec["drafts"] and len(c["per_pos"]) == 3
     assert report["summary"]["2"]["acceptance_length"] == spec["acceptance_length"]
+    # the per-concurrency table: one row per concurrency, each with its k, acceptance and TPOT
+    table = (out / "bench_serve.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and all(" | 3 | " in row for row in rows)
+    assert all(saved["results"]["eagle3-k3"]["passes"][c]["tpot_ms"] > 0 for c in ("1", "2"))
