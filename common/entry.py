@@ -23,7 +23,15 @@ import yaml
 
 from common.logs import setup_logging
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+
+def config_dir() -> Path:
+    """The Hydra configs, found from this file, never from the working directory: `common/conf` in an installed
+    copy (pyproject.toml installs conf/ there), else the checkout's conf/ beside the packages."""
+    installed = Path(__file__).resolve().parent / "conf"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+CONF = config_dir()
 
 
 def config_yaml(resolved: dict[str, Any]) -> str:
