@@ -77,3 +77,48 @@ def test_an_installed_copy_runs_from_any_folder(tmp_path):
     done = run_entry("stage3_train", "+preset=demo", "--cfg", "job", cwd=work, pythonpath=site)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "max_tokens: 512" in done.stdout  # conf/preset/demo.yaml, found inside the installed copy
+
+
+# ------------------------------------------------------------------ a command line the command cannot run
+
+def one_error_line(done: subprocess.CompletedProcess, command: str) -> str:
+    """The failed command's stderr, which must be one line `COMMAND: error: ...` (no traceback)."""
+    assert done.returncode != 0, done.stdout[-2000:]
+    lines = [line for line in done.stderr.splitlines() if f"{command}: error: " in line]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command, preset, unread", [("stage3_train", "demo_sample", "`sample`"),
+                                                     ("stage2_hidden", "node_8b", "`train`"),
+                                                     ("stage1_sample", "demo", "`train`")])
+def test_a_stage_refuses_a_preset_for_another_stage(command, preset, unread, tmp_path):
+    for extra in ([], ["--cfg", "job"]):  # refused before anything runs, so a README check with --cfg job sees it
+        done = run_entry(command, f"+preset={preset}", *extra, cwd=tmp_path)
+        line = one_error_line(done, command)
+        assert done.returncode == 2 and f"does not read the section {unread} (from +preset={preset})" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_refusal_names_the_stage_s_own_presets():
+    from common.command_line import presets_for
+
+    conf = REPO / "conf"
+    train = presets_for({"root", "target", "train"}, conf)
+    assert {"demo", "node_8b", "gpt_oss_train_long"} <= set(train) and "demo_sample" not in train
+    assert presets_for({"root", "target", "sample"}, conf) == ["demo_sample"]
+    sections = [{"root", "target", name} for name in ("sample", "hidden", "train", "eval", "bench")]
+    every = sorted({name for readable in sections for name in presets_for(readable, conf)})
+    assert every == sorted(p.stem for p in (conf / "preset").glob("*.yaml"))  # each preset serves one command
+
+
+@pytest.mark.parametrize("override, closest", [("sample.num_prompt=16", "sample.num_prompts"),
+                                               ("sampel.num_prompts=16", "sample.num_prompts"),
+                                               ("sample.server.replica=2", "sample.server.replicas")])
+def test_a_mistyped_key_names_the_closest_known_one(override, closest, tmp_path):
+    done = run_entry("stage1_sample", override, cwd=tmp_path)
+    line = one_error_line(done, "stage1_sample")
+    typed = override.split("=")[0]
+    assert line.endswith(f"no setting {typed} in conf/sample.yaml; did you mean {closest}?"), line
+    assert "+" + typed not in done.stderr  # not Hydra's advice to add the key
+    assert list(tmp_path.iterdir()) == []
