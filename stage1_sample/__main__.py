@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from common.target import TargetSpec
 
 from .client import ChatClient, api_key_from_env
 from .config import SampleConfig
-from .formats import Conversation, Skipped, load_conversations
+from .formats import Conversation, Skipped, open_conversations
 from .regenerate import ContextBudget, Tally, run_loop
 from .writer import ConversationWriter
 
@@ -60,22 +59,15 @@ def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
                          "use another sample.output_dir or the same settings")
 
 
-def input_records(cfg: SampleConfig) -> Iterator[Conversation | Skipped] | None:
-    """The input's records, or None when it has none (found before a server is started for nothing)."""
-    records = load_conversations(cfg.input, limit=cfg.num_prompts)
-    first = next(records, None)
-    return None if first is None else itertools.chain([first], records)
-
-
 def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     """Run stage 1 from a resolved config dict; returns the manifest."""
     cfg = SampleConfig.from_omegaconf(resolved["sample"])
     target = TargetSpec.from_mapping(resolved["target"])
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         check_resume(out_dir, resolved)
-    items = input_records(cfg)
+    items = open_conversations(cfg.input, limit=cfg.num_prompts)  # None: no records; a bad input raises here
+    out_dir.mkdir(parents=True, exist_ok=True)
     if items is None:
         # an empty input is nearly always a wrong path, split or filter: an empty "success" would hide it
         if not cfg.allow_empty:

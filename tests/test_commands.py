@@ -122,3 +122,55 @@ def test_a_mistyped_key_names_the_closest_known_one(override, closest, tmp_path)
     assert line.endswith(f"no setting {typed} in conf/sample.yaml; did you mean {closest}?"), line
     assert "+" + typed not in done.stderr  # not Hydra's advice to add the key
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stage3_names_a_shard_folder_that_does_not_exist(tmp_path):
+    done = run_entry("stage3_train", "train.data=nowhere/hidden", "train.out=runs/train", cwd=tmp_path)
+    line = one_error_line(done, "stage3_train")
+    assert "nowhere/hidden: no such folder of stage-2 shards" in line and "did not finish" not in line
+    assert "make hidden" in line and "HYDRA_FULL_ERROR=1" in line
+    assert list(tmp_path.iterdir()) == []  # runs/train (with Hydra's train.log and config.yaml) is gone, runs/ too
+
+    full = run_entry("stage3_train", "train.data=nowhere/hidden", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "InputFileError" in full.stderr
+
+
+def test_stage3_on_a_folder_without_manifest_says_stage2_did_not_finish(tmp_path):
+    (tmp_path / "hidden").mkdir()
+    done = run_entry("stage3_train", "train.data=hidden", "train.out=run", cwd=tmp_path)
+    line = one_error_line(done, "stage3_train")
+    assert "hidden/manifest.json: missing: stage 2 did not finish; re-run the same `make hidden`" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden"]
+
+
+def test_stage2_on_an_unfinished_stage1_folder_says_resume_stage1(tmp_path):
+    """What a stage-1 run that died starting its server leaves: its logs, no shards, no manifest."""
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    (sample / "sample.log").write_text("")
+    (sample / "server.log").write_text("")
+    done = run_entry("stage2_hidden", "hidden.input=sample", "hidden.output=hidden", cwd=tmp_path)
+    line = one_error_line(done, "stage2_hidden")
+    assert "sample: stage 1 did not finish (it has no manifest.json; it holds sample.log, server.log)" in line
+    assert "re-run the same `make sample`" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample"]  # no hidden/ left behind
+
+
+def test_a_missing_relative_path_is_not_sent_to_the_hub(tmp_path):
+    done = run_entry("stage1_sample", "sample.input=data/sharegpt/convs.jsonl", "sample.output_dir=out",
+                     cwd=tmp_path)
+    line = one_error_line(done, "stage1_sample")
+    assert f"data/sharegpt/convs.jsonl: no such file or folder (relative paths start at {tmp_path})" in line
+    assert "hub" not in done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hub_name_is_loaded_saying_so(tmp_path):
+    """`OWNER/NAME` may be a hub dataset: stage 1 says it is going to the hub, and a refusal names both readings."""
+    done = run_entry("stage1_sample", "sample.input=nobody/no-such-set", "sample.output_dir=out", cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert "nobody/no-such-set is not a local file or folder" in done.stdout + done.stderr  # the log line
+    line = one_error_line(done, "stage1_sample")
+    assert f"nobody/no-such-set: neither a local file or folder (relative paths start at {tmp_path}) nor a " \
+           "dataset the hub gives" in line
+    assert list(tmp_path.iterdir()) == []
