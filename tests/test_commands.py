@@ -174,3 +174,43 @@ def test_a_hub_name_is_loaded_saying_so(tmp_path):
     assert f"nobody/no-such-set: neither a local file or folder (relative paths start at {tmp_path}) nor a " \
            "dataset the hub gives" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reported_errors_are_one_line_and_the_rest_are_raised(capsys, monkeypatch):
+    from common.entry import reported_errors
+    from stage2_hidden.format import ShardIntegrityError
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for error in (ShardIntegrityError(Path("h/shard-00000.arrow"), "sha256 mismatch in row 3"),
+                  FileNotFoundError("h/vocab.safetensors: missing")):
+        with pytest.raises(SystemExit) as stopped, reported_errors("stage3_train"):
+            raise error
+        assert stopped.value.code == 1
+        assert capsys.readouterr().err == f"stage3_train: error: {error} (HYDRA_FULL_ERROR=1 shows the traceback)\n"
+    with pytest.raises(RuntimeError), reported_errors("stage3_train"):  # a bug keeps its traceback
+        raise RuntimeError("bug")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError), reported_errors("stage3_train"):
+        raise ValueError("bad value")
+
+
+def test_a_failed_run_removes_only_the_folders_it_made_for_nothing(tmp_path):
+    from common.entry import OutputFolder
+
+    made = OutputFolder(tmp_path / "runs" / "train", "train.log")  # noted before the run: runs/ does not exist
+    (tmp_path / "runs" / "train").mkdir(parents=True)
+    (tmp_path / "runs" / "train" / "train.log").write_text("log")
+    (tmp_path / "runs" / "train" / "config.yaml").write_text("train: {}")
+    made.remove_if_unused()
+    assert list(tmp_path.iterdir()) == []
+
+    made = OutputFolder(tmp_path / "train", "train.log")
+    (tmp_path / "train" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "train" / "checkpoints" / "step-1.pt").write_text("weights")
+    made.remove_if_unused()  # the run wrote something: kept
+    assert (tmp_path / "train" / "checkpoints" / "step-1.pt").is_file()
+
+    existed = OutputFolder(tmp_path / "train", "train.log")  # a folder that was there before the run
+    (tmp_path / "train" / "checkpoints" / "step-1.pt").unlink()
+    existed.remove_if_unused()
+    assert (tmp_path / "train" / "checkpoints").is_dir()
