@@ -2,7 +2,7 @@
 #   make test                         install everything, run the CPU test suite
 #   make demo                         the whole pipeline on the embedded default (SmolLM2 + ShareGPT)
 #   make sample ARGS="sample.num_prompts=16 sample.max_tokens=64"      stage 1 (Hydra overrides in ARGS)
-#   make hidden ARGS="..."            stage 2
+#   make hidden ARGS="..." NPROC=8    stage 2 (torchrun when NPROC > 1: rank r writes shards r, r+8, ...)
 #   make train  ARGS="..." NPROC=8    stage 3 (torchrun when NPROC > 1)
 #   make eval / make bench-serve      acceptance length offline (HF) and served (vLLM)
 SHELL := /bin/bash
@@ -12,6 +12,8 @@ ARGS ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
+# `python -m MODULE $(ARGS)`, or under torchrun with $(NPROC) processes when NPROC > 1 (stages 2 and 3)
+ranks = $(if $(filter 1,$(NPROC)),$(PY) -m $(1) $(ARGS),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m $(1) $(ARGS))
 
 .PHONY: setup model sample hidden train export inspect eval bench-serve test demo
 
@@ -27,17 +29,13 @@ sample: model
 	$(PY) -m stage1_sample $(ARGS)
 
 hidden: model
-	$(PY) -m stage2_hidden $(ARGS)
+	$(call ranks,stage2_hidden)
 
 inspect: setup
 	$(PY) -m stage2_hidden.inspect $(DIR)
 
 train: model
-ifeq ($(NPROC),1)
-	$(PY) -m stage3_train $(ARGS)
-else
-	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m stage3_train $(ARGS)
-endif
+	$(call ranks,stage3_train)
 
 export: setup
 	$(PY) -m stage3_train.export $(CKPT) $(OUT)

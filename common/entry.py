@@ -6,14 +6,24 @@ Presets: `+preset=NAME` composes `conf/preset/NAME.yaml` (each starts with `# @p
 any group) over the command's config; command-line overrides are applied after it and win. That is Hydra's own
 rule; there is no second mechanism.
 
+Before Hydra runs, the command line is checked (common/command_line.py): a mistyped key names the closest known
+one, a section the command does not read (a preset for another stage) is refused. The project's own errors
+(`ValueError`: a bad value, an input that cannot be read, a shard that fails its checks; `OSError`: a missing
+file or folder, a full disk) end the command with one line on stderr and exit code 1; `HYDRA_FULL_ERROR=1` shows
+the traceback instead. A run that fails so leaves no output folder it created and wrote nothing but its log and
+config.yaml into.
+
 Machines without Hydra (a bare GPU image): `plain_entry` parses `--field value` for every field of a dataclass
 config instead (`--plain`, or automatically when Hydra is not importable).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -23,7 +33,18 @@ import yaml
 
 from common.logs import setup_logging
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+# the errors a command reports in one line (what is wrong and where, written for the user), not as a traceback
+REPORTED_ERRORS = (ValueError, OSError)
+
+
+def config_dir() -> Path:
+    """The Hydra configs, found from this file, never from the working directory: `common/conf` in an installed
+    copy (pyproject.toml installs conf/ there), else the checkout's conf/ beside the packages."""
+    installed = Path(__file__).resolve().parent / "conf"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+CONF = config_dir()
 
 
 def config_yaml(resolved: dict[str, Any]) -> str:
@@ -53,16 +74,82 @@ def redacted(node: Any) -> Any:
 
 
 def hydra_entry(config_name: str, run: Callable[[dict[str, Any]], Any]) -> Callable[[], None]:
-    """A `main()` that composes conf/<config_name>.yaml with the command line and calls `run(resolved dict)`."""
+    """A `main()` that checks the command line, composes conf/<config_name>.yaml with it and calls
+    `run(resolved dict)`, reporting the project's errors in one line (module docstring)."""
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
+    from common.command_line import CommandLineError, check_command_line
+
+    output: OutputFolder | None = None
+
     @hydra.main(version_base="1.3", config_path=str(CONF), config_name=config_name)
-    def main(cfg: DictConfig) -> None:
+    def hydra_main(cfg: DictConfig) -> None:
         setup_logging()
-        run(OmegaConf.to_container(cfg, resolve=True))
+        with reported_errors(command_name(config_name), cleanup=output.remove_if_unused if output else None):
+            run(OmegaConf.to_container(cfg, resolve=True))
+
+    def main() -> None:
+        nonlocal output
+        command = command_name(config_name)
+        try:
+            composed = check_command_line(CONF, config_name, sys.argv[1:], command)
+        except CommandLineError as e:
+            exit_with_line(command, str(e), code=2)
+        if composed is not None and composed.run_dir is not None:
+            output = OutputFolder(composed.run_dir, composed.job_log)  # before Hydra creates it for its log
+        hydra_main()
 
     return main
+
+
+def command_name(config_name: str) -> str:
+    """`stage3_train` when run as `python -m stage3_train`, else the config's name (for messages)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name.removesuffix(".__main__") or config_name
+
+
+def exit_with_line(command: str, message: str, code: int = 1) -> None:
+    print(f"{command}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def full_error_wanted() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@contextlib.contextmanager
+def reported_errors(command: str, cleanup: Callable[[], None] | None = None):
+    """Run the body; one of REPORTED_ERRORS ends the command with one line and exit code 1 (the traceback with
+    HYDRA_FULL_ERROR=1). `cleanup` runs after any failure."""
+    try:
+        yield
+    except BaseException as e:
+        if cleanup is not None:
+            cleanup()
+        if isinstance(e, REPORTED_ERRORS) and not full_error_wanted():
+            exit_with_line(command, f"{e} (HYDRA_FULL_ERROR=1 shows the traceback)")
+        raise
+
+
+class OutputFolder:
+    """A run's output folder (hydra.run.dir), noted before the run starts: the outermost folder of its path that
+    did not exist yet (None: it existed), and the files the run writes into it before it reads any input."""
+
+    def __init__(self, path: Path, job_log: str | None):
+        self.path, self.bookkeeping = path, {"config.yaml", job_log}
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        self.created = missing[-1] if missing else None
+
+    def remove_if_unused(self) -> None:
+        """Remove the folders this run created for its output if it wrote nothing into them but its bookkeeping
+        (rank 0 only: under torchrun the other ranks find them made)."""
+        if self.created is None or int(os.environ.get("RANK", "0")) != 0 or not self.created.is_dir():
+            return
+        files = [p for p in self.created.rglob("*") if not p.is_dir()]
+        if all(p.parent == self.path and p.name in self.bookkeeping for p in files):
+            shutil.rmtree(self.created, ignore_errors=True)
 
 
 def has_hydra() -> bool:

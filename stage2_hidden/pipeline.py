@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -45,15 +45,18 @@ from .vocab import build_and_save_vocab
 log = get_logger("stage2")
 
 
-def iter_rendered(hcfg: HiddenConfig, renderer: ChatRenderer, max_length: int, stats: RenderStats) -> Iterator[Rendered]:
-    """Rendered, length-checked rows in input order (skips counted in ``stats``). With ``hidden.drop_eval_prompts`` a
+def iter_rendered(hcfg: HiddenConfig, renderer: ChatRenderer, max_length: int, stats: RenderStats,
+                  conversations: Iterable | None = None) -> Iterator[Rendered]:
+    """Rendered, length-checked rows in input order (skips counted in ``stats``); ``conversations``: the input
+    already opened (``open_conversations``), else ``hcfg.input`` is read here. With ``hidden.drop_eval_prompts`` a
     conversation opening on an evaluation prompt is skipped as ``input: first user turn is an evaluation prompt
     (<id>)``: a stage-1 output made with ``sample.drop_eval_prompts`` has none left, a raw prompt set may."""
     from evaluation.holdout import drop_evaluation_prompts
     from stage1_sample.formats import Skipped, load_conversations
 
-    items = load_conversations(hcfg.input, limit=hcfg.limit)
-    for item in drop_evaluation_prompts(items) if hcfg.drop_eval_prompts else items:
+    if conversations is None:
+        conversations = load_conversations(hcfg.input, limit=hcfg.limit)
+    for item in drop_evaluation_prompts(conversations) if hcfg.drop_eval_prompts else conversations:
         stats.input += 1
         if isinstance(item, Skipped):
             stats.skip(f"input: {item.reason}")
@@ -219,7 +222,13 @@ def run(target: TargetSpec, hcfg: HiddenConfig) -> dict | None:
 def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | None:
     from transformers import AutoConfig, AutoTokenizer
 
+    from stage1_sample.formats import open_conversations
+
     t0 = time.time()
+    # the input is opened before anything is written: a missing or unfinished one fails with no output folder made
+    conversations = open_conversations(hcfg.input, limit=hcfg.limit)
+    if conversations is None and not hcfg.allow_empty:
+        raise ValueError(_empty_message(hcfg, RenderStats()))
     rank, world = world_info.rank, world_info.world_size
     model_cfg = AutoConfig.from_pretrained(target.path, trust_remote_code=target.trust_remote_code)
     text_cfg = model_cfg.get_text_config()
@@ -246,8 +255,8 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
 
     stats = RenderStats()
     row_bytes = bytes_per_token(len(layer_ids) * hidden_size, len(layer_ids), hcfg.storage_dtype)
-    plan = plan_shards(iter_rendered(hcfg, renderer, max_length, stats), hcfg.rows_per_shard,
-                       hcfg.shard_bytes, row_bytes)
+    plan = plan_shards(iter_rendered(hcfg, renderer, max_length, stats, conversations or iter(())),
+                       hcfg.rows_per_shard, hcfg.shard_bytes, row_bytes)
     num_shards, computed_tokens = _capture_all(plan, target, hcfg, fields, out_dir, world_info)
     if stats.rendered == 0 and not hcfg.allow_empty:  # every rank read the same input: all raise, none waits
         raise ValueError(_empty_message(hcfg, stats))

@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from common.logs import get_logger
+from stage1_sample.json_files import InputFileError
 
 from .format import (FORMAT_VERSION, HIDDEN_ITEMSIZE, MANIFEST, ShardIntegrityError, block_ok, check_storage_dtype,
                      mapped_bytes, open_shard, read_record, record_blocks, record_path, shard_problem)
@@ -117,8 +118,11 @@ class ShardDataset:
         docstring (stage 3's ``train.verify_shards``); False skips them."""
         self.dir = Path(path)
         mpath = self.dir / MANIFEST
+        if not self.dir.is_dir():
+            raise InputFileError(self.dir, "no such folder of stage-2 shards: check the path, or run stage 2 "
+                                           "(`make hidden`) to write them there")
         if not mpath.exists():
-            raise ValueError(f"{mpath}: missing (stage 2 did not finish)")
+            raise InputFileError(mpath, "missing: stage 2 did not finish; re-run the same `make hidden` to resume it")
         try:
             self.manifest = json.loads(mpath.read_text())
         except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError

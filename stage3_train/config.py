@@ -36,7 +36,7 @@ class TrainConfig:
     # open, then each row's sha256 the first time the loader's background thread collates it (old shards without
     # per-row sums: the whole shard on first read); a mismatch stops training naming the shard. false skips it
     verify_shards: bool = True
-    layer_ids: list[int] | None = None  # aux layer ids the shards must have (vLLM ids); None = (2, N//2, N-3)
+    layer_ids: list[int] | None = None  # aux layer ids (vLLM ids); None = the shards' (stage 2's manifest); a list must equal them
     # ---- model / TTT ----
     ttt_steps: int = 7             # unrolled training-time-test steps k
     step_decay: float = 0.8        # loss weight of TTT step i is step_decay**i (normalised by the global valid count)

@@ -25,6 +25,7 @@ import queue
 import random
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
@@ -358,29 +359,30 @@ def check_manifest(manifest: dict[str, Any], target_cfg: dict[str, Any], layer_i
                    where: str) -> list[int]:
     """Refuse shards captured from another target or other layers, before any heavy work; returns the layer ids.
 
-    Compared: hidden size, vocab size, the aux layer ids (`layer_ids`; None = the engines' default), and that
-    num_aux_layers = len(layer_ids); the ids follow `common.target.aux_layer_ids`'s rule.
+    The aux layer ids are the shards' own (`layer_ids` in stage 2's manifest, checked by
+    `common.target.aux_layer_ids`'s rule); a configured list (`train.layer_ids`, None = take the shards') must
+    equal them. Also compared: hidden size, vocab size, and num_aux_layers = len(layer_ids).
     """
     from common.target import aux_layer_ids, text_config
 
     tcfg = text_config(target_cfg)
     n_layers = int(tcfg["num_hidden_layers"])
-    want_ids = aux_layer_ids(layer_ids, n_layers, "train.layer_ids")
     got_ids = [int(i) for i in manifest.get("layer_ids", [])]
     problems = []
     for key in ("hidden_size", "vocab_size"):
         if int(manifest.get(key, -1)) != int(tcfg[key]):
             problems.append(f"{key} {manifest.get(key)} in the shards, {tcfg[key]} in the target")
-    if got_ids != want_ids:
-        problems.append(f"layer_ids {got_ids} in the shards, {want_ids} configured (train.layer_ids)")
     if int(manifest.get("num_aux_layers", -1)) != len(got_ids):
         problems.append(f"num_aux_layers {manifest.get('num_aux_layers')} != len(layer_ids) {len(got_ids)}")
-    if got_ids == want_ids:
-        try:
-            aux_layer_ids(got_ids, n_layers, "the shards' layer_ids")
-        except ValueError as e:
-            problems.append(str(e))
+    try:
+        aux_layer_ids(got_ids, n_layers, "the shards' layer_ids")
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
         raise ValueError(f"shards {where} do not match the configured target: " + "; ".join(problems))
+    if layer_ids is not None and [int(i) for i in layer_ids] != got_ids:
+        raise ValueError(f"train.layer_ids={[int(i) for i in layer_ids]} but the shards hold layer_ids {got_ids} "
+                         f"({Path(where) / 'manifest.json'}); set train.layer_ids=null to train on the shards' "
+                         "layers, or capture the configured ones with stage 2 (hidden.layer_ids)")
     return got_ids
 

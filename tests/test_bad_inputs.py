@@ -141,9 +141,9 @@ ROWS = [
         [("a0", None), ("a1", None), ("a2", None)]),
     Row("single JSON object", write("one.json", json.dumps(conv("o0"), indent=2).encode()), [("o0", None)]),
     Row("incomplete stage-1 folder", unfinished_stage1,
-        r"sample: is an unfinished stage-1 output \(it has no manifest\.json; it holds failed\.jsonl, "
-        r"shard-00000\.jsonl, shard-00001\.jsonl\.partial, skipped\.jsonl\): the run was interrupted\. Re-run "
-        r"stage 1 with sample\.output_dir=\S+/sample and the same settings to resume and finish it"),
+        r"sample: stage 1 did not finish \(it has no manifest\.json; it holds failed\.jsonl, "
+        r"shard-00000\.jsonl, shard-00001\.jsonl\.partial, skipped\.jsonl\) — re-run the same `make sample` "
+        r"\(sample\.output_dir=\S+/sample, the same settings\) to resume and finish it"),
     Row("stage-1 shard changed after its manifest", changed_stage1,
         r"shard-00000\.jsonl: does not match the sha256 in manifest\.json"),
 ]

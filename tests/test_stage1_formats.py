@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stage1_sample.formats import Conversation, Skipped, load_conversations, normalize_record
+from stage1_sample.formats import Conversation, Skipped, load_conversations, normalize_record, only_local
 
 EXPECTED = [
     {"role": "system", "content": "Be brief."},
@@ -138,8 +138,17 @@ def test_jsonl_gz_parquet_and_datasets_folder(tmp_path):
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="nope.jsonl: no such file or folder"):
         _items(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="is an empty folder"):
+        _items(tmp_path)
+
+
+@pytest.mark.parametrize("spec, local", [("data/sample/x", True), ("./x", True), ("x.jsonl", True),
+                                         ("~/x", True), ("HuggingFaceH4/ultrachat_200k:train_sft", False),
+                                         ("squad", False), ("owner/name", False)])
+def test_only_local_tells_paths_from_hub_names(spec, local):
+    assert only_local(spec) is local
 
 
 def test_embedded_sharegpt_is_parsed_record_by_record():

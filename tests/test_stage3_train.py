@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from stage3_train.checkpoint import MARKER, prune, step_dirs
 from stage3_train.config import TrainConfig
@@ -14,6 +15,8 @@ from stage3_train.data import check_manifest, split_rows
 from stage3_train.metrics import StepStats, acceptance_length
 from stage3_train.train import lr_factor, run
 from tests.fixtures.stage3 import TINY, TINY_LAYERS, make_tiny_target, tiny_rows
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def small_cfg(shards: Path, out: Path, **kw) -> TrainConfig:
@@ -52,11 +55,30 @@ def test_manifest_mismatch_is_refused():
         check_manifest({**good, "hidden_size": 64}, target, None, "d")
     with pytest.raises(ValueError, match="vocab_size"):
         check_manifest({**good, "vocab_size": 100}, target, None, "d")
-    with pytest.raises(ValueError, match="layer_ids"):
-        check_manifest(good, target, [1, 4, 7], "d")
     with pytest.raises(ValueError, match="num_aux_layers"):
         check_manifest({**good, "num_aux_layers": 4}, target, None, "d")
+    with pytest.raises(ValueError, match="the shards' layer_ids"):  # the engines' rule: no id 0
+        check_manifest({**good, "layer_ids": [0, 4, 5]}, target, None, "d")
     assert check_manifest({**good, "layer_ids": [1, 2], "num_aux_layers": 2}, target, [1, 2], "d") == [1, 2]
+
+
+def test_layer_ids_come_from_the_shards_unless_configured():
+    """train.layer_ids=null takes the manifest's ids (not the engines' default); a configured list must match."""
+    target = {"hidden_size": 32, "vocab_size": 96, "num_hidden_layers": 8}
+    shards = {"hidden_size": 32, "vocab_size": 96, "layer_ids": [1, 3, 6], "num_aux_layers": 3}
+    assert check_manifest(shards, target, None, "data/hidden/x") == [1, 3, 6]
+    assert check_manifest(shards, target, [1, 3, 6], "data/hidden/x") == [1, 3, 6]
+    with pytest.raises(ValueError) as refused:
+        check_manifest(shards, target, [2, 4, 5], "data/hidden/x")
+    assert "train.layer_ids=[2, 4, 5]" in str(refused.value) and "layer_ids [1, 3, 6]" in str(refused.value)
+    assert "data/hidden/x/manifest.json" in str(refused.value)
+
+
+def test_no_training_preset_carries_layer_ids():
+    """The ids belong to the shards a target's stage 2 wrote, not to a training recipe."""
+    for preset in sorted((REPO / "conf" / "preset").glob("*.yaml")):
+        train = (yaml.safe_load(preset.read_text()) or {}).get("train") or {}
+        assert "layer_ids" not in train, preset.name
 
 
 def test_run_refuses_another_targets_shards(tmp_path, tiny_stage3):
