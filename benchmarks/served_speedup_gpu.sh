@@ -14,7 +14,7 @@
 # original ShareGPT answers; each trained with the 4,420 recipe (conf/preset/sharegpt_4420.yaml, 1 epoch, lr 1.6e-3).
 #
 # Variables [defaults]: RUN work folder [data/served_speedup], OUT results [$RUN/results], PY [python3],
-#   CUT [1024], REPLICAS (stage-1 vLLM servers for the whole set) [3], SAMPLE_TIMEOUT [seconds; stage 1 stops and
+#   CUT [1024], REPLICAS (stage-1 vLLM servers for the whole set) [3], SAMPLED (1: the sampled 4,420 too) [1], SAMPLE_TIMEOUT [seconds; stage 1 stops and
 #   a rerun resumes] [480], FULL_LRS ["2e-3"], FULL_EPOCHS [1], KS (served k sweep) ["3 1 2 4 5"], CONCURRENCY
 #   ["1,2,4,8,16,32,64"], NUM_PROMPTS [80], STORAGE (stage-2 shards) [float8_e4m3: the whole set and the trio fit
 #   the disk together].
@@ -47,7 +47,7 @@ sample)
   phase "stage 1: whole set greedy (${REPLICAS:-3} servers) + first 4,420 at T=0.7 (1 server), cut at $CUT"
   stage1 greedy sample.temperature=0 sample.concurrency=$(( 256 * ${REPLICAS:-3} )) \
     sample.server.replicas=${REPLICAS:-3} sample.server.gpu_memory_utilization=0.2 &
-  stage1 t07 sample.temperature=0.7 sample.num_prompts=4420 sample.concurrency=256 \
+  [ "${SAMPLED:-1}" = 1 ] && stage1 t07 sample.temperature=0.7 sample.num_prompts=4420 sample.concurrency=256 \
     sample.server.gpu_memory_utilization=0.2 &
   wait
   for s in greedy t07; do cp "$RUN/sample-$s/manifest.json" "$OUT/stage1-$s-manifest.json" 2>/dev/null || true; done
@@ -62,26 +62,27 @@ from pathlib import Path
 from stage1_sample.formats import Conversation, load_conversations
 run = Path(sys.argv[1])
 first = [c for c in load_conversations("wheel:sharegpt", limit=4420) if isinstance(c, Conversation)]
-sets = {"greedy": {c.id: c for c in load_conversations(run / "sample-greedy") if isinstance(c, Conversation)},
-        "t07": {c.id: c for c in load_conversations(run / "sample-t07") if isinstance(c, Conversation)},
-        "original": {c.id: c for c in first}}
+sets = {name: {c.id: c for c in load_conversations(run / f"sample-{name}") if isinstance(c, Conversation)}
+        for name in ("greedy", "t07") if (run / f"sample-{name}" / "manifest.json").is_file()}
+sets["original"] = {c.id: c for c in first}
 ids = [c.id for c in first if all(c.id in s for s in sets.values())]
 for name, convs in sets.items():
     with open(run / f"trio-{name}.jsonl", "w") as f:
         f.writelines(json.dumps(convs[i].to_json()) + "\n" for i in ids)
-print(f"equal budget: {len(ids)} conversations of the first 4,420 records in all three sets "
-      f"(greedy {len(sets['greedy'])} of the whole set, sampled {len(sets['t07'])})")
+print(f"equal budget: {len(ids)} conversations of the first 4,420 records in every set "
+      f"({', '.join(f'{name} {len(convs)}' for name, convs in sets.items())})")
 EOF
   phase "stages 2 + 3: whole-set greedy draft (lr ${FULL_LRS:-2e-3}, ${FULL_EPOCHS:-1} epochs) and the 4,420 trio"
   INPUT=$PWD/$RUN/sample-greedy RUN=$PWD/$RUN/full OUT=$OUT/full LRS=${FULL_LRS:-2e-3} EPOCHS=${FULL_EPOCHS:-1} \
     EVAL_PROMPTS=0 NPROC2=4 FULL_MAXLEN=$CUT STORAGE=${STORAGE:-float8_e4m3} PY=$PY \
     bash benchmarks/acceptance_gpu.sh fullset-train > "$OUT/train-full.log" 2>&1 &
   for SET in greedy t07 original; do
+    [ -f "$RUN/trio-$SET.jsonl" ] || continue
     INPUT=$PWD/$RUN/trio-$SET.jsonl RUN=$PWD/$RUN/trio-$SET OUT=$OUT/trio-$SET LRS=1.6e-3 CUT=$CUT EVAL_PROMPTS=0 \
       NPROC2=2 STORAGE=${STORAGE:-float8_e4m3} PY=$PY bash benchmarks/acceptance_gpu.sh full \
       > "$OUT/train-trio-$SET.log" 2>&1 &
   done
-  FAIL=0; for j in $(jobs -p | tail -n 3); do wait $j || FAIL=1; done
+  FAIL=0; for j in $(jobs -p | tail -n +2); do wait $j || FAIL=1; done   # the trio (the whole set runs on)
   # The trio served (acceptance only, k=3, one small server each) while the whole-set draft still trains: served
   # acceptance does not depend on the GPU's load, only the tokens/s would.
   for SET in greedy t07 original; do
