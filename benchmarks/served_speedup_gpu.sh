@@ -14,7 +14,8 @@
 # original ShareGPT answers; each trained with the 4,420 recipe (conf/preset/sharegpt_4420.yaml, 1 epoch, lr 1.6e-3).
 #
 # Variables [defaults]: RUN work folder [data/served_speedup], OUT results [$RUN/results], PY [python3],
-#   CUT [1024], REPLICAS (stage-1 vLLM servers for the whole set) [3], SAMPLED (1: the sampled 4,420 too) [1], SAMPLE_TIMEOUT [seconds; stage 1 stops and
+#   CUT [1024], REPLICAS (stage-1 vLLM servers for the whole set) [3], SAMPLED (1: the sampled 4,420 too) [1],
+#   GREEDY_RECORDS (first N records for the greedy pass; null = the whole set) [null], SAMPLE_TIMEOUT [seconds; stage 1 stops and
 #   a rerun resumes] [480], FULL_LRS ["2e-3"], FULL_EPOCHS [1], KS (served k sweep) ["3 1 2 4 5"], CONCURRENCY
 #   ["1,2,4,8,16,32,64"], NUM_PROMPTS [80], STORAGE (stage-2 shards) [float8_e4m3: the whole set and the trio fit
 #   the disk together].
@@ -45,7 +46,7 @@ sample)
   # Stage 1's own CLI with the launched vLLM: the whole set greedily on REPLICAS servers side by side, and the
   # first 4,420 records with sampling on one more; each server takes 0.2 of the card.
   phase "stage 1: whole set greedy (${REPLICAS:-3} servers) + first 4,420 at T=0.7 (1 server), cut at $CUT"
-  stage1 greedy sample.temperature=0 sample.concurrency=$(( 256 * ${REPLICAS:-3} )) \
+  stage1 greedy sample.temperature=0 sample.num_prompts=${GREEDY_RECORDS:-null} sample.concurrency=$(( 256 * ${REPLICAS:-3} )) \
     sample.server.replicas=${REPLICAS:-3} sample.server.gpu_memory_utilization=0.2 &
   [ "${SAMPLED:-1}" = 1 ] && stage1 t07 sample.temperature=0.7 sample.num_prompts=4420 sample.concurrency=256 \
     sample.server.gpu_memory_utilization=0.2 &
