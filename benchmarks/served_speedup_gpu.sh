@@ -15,7 +15,9 @@
 #
 # Variables [defaults]: RUN work folder [data/served_speedup], OUT results [$RUN/results], PY [python3],
 #   CUT [1024], REPLICAS (stage-1 vLLM servers for the whole set) [3], SAMPLED (1: the sampled 4,420 too) [1],
-#   GREEDY_RECORDS (first N records for the greedy pass; null = the whole set) [null], SAMPLE_TIMEOUT [seconds; stage 1 stops and
+#   GREEDY_RECORDS (first N records for the greedy pass; null = the whole set) [null], FULL (1: train the draft on
+#   the whole greedy pass; 0: the trio only) [1], SERVE_DRAFT (the draft of the speedup table: full | trio-greedy
+#   | ...) [full], SAMPLE_TIMEOUT [seconds; stage 1 stops and
 #   a rerun resumes] [480], FULL_LRS ["2e-3"], FULL_EPOCHS [1], KS (served k sweep) ["3 1 2 4 5"], CONCURRENCY
 #   ["1,2,4,8,16,32,64"], NUM_PROMPTS [80], STORAGE (stage-2 shards) [float8_e4m3: the whole set and the trio fit
 #   the disk together].
@@ -74,16 +76,20 @@ print(f"equal budget: {len(ids)} conversations of the first 4,420 records in eve
       f"({', '.join(f'{name} {len(convs)}' for name, convs in sets.items())})")
 EOF
   phase "stages 2 + 3: whole-set greedy draft (lr ${FULL_LRS:-2e-3}, ${FULL_EPOCHS:-1} epochs) and the 4,420 trio"
-  INPUT=$PWD/$RUN/sample-greedy RUN=$PWD/$RUN/full OUT=$OUT/full LRS=${FULL_LRS:-2e-3} EPOCHS=${FULL_EPOCHS:-1} \
-    EVAL_PROMPTS=0 NPROC2=4 FULL_MAXLEN=$CUT STORAGE=${STORAGE:-float8_e4m3} PY=$PY \
-    bash benchmarks/acceptance_gpu.sh fullset-train > "$OUT/train-full.log" 2>&1 &
+  if [ "${FULL:-1}" = 1 ]; then
+    INPUT=$PWD/$RUN/sample-greedy RUN=$PWD/$RUN/full OUT=$OUT/full LRS=${FULL_LRS:-2e-3} EPOCHS=${FULL_EPOCHS:-1} \
+      EVAL_PROMPTS=0 NPROC2=4 FULL_MAXLEN=$CUT STORAGE=${STORAGE:-float8_e4m3} PY=$PY \
+      bash benchmarks/acceptance_gpu.sh fullset-train > "$OUT/train-full.log" 2>&1 &
+  fi
+  TRIO=()
   for SET in greedy t07 original; do
     [ -f "$RUN/trio-$SET.jsonl" ] || continue
     INPUT=$PWD/$RUN/trio-$SET.jsonl RUN=$PWD/$RUN/trio-$SET OUT=$OUT/trio-$SET LRS=1.6e-3 CUT=$CUT EVAL_PROMPTS=0 \
       NPROC2=2 STORAGE=${STORAGE:-float8_e4m3} PY=$PY bash benchmarks/acceptance_gpu.sh full \
       > "$OUT/train-trio-$SET.log" 2>&1 &
+    TRIO+=($!)
   done
-  FAIL=0; for j in $(jobs -p | tail -n +2); do wait $j || FAIL=1; done   # the trio (the whole set runs on)
+  FAIL=0; for j in "${TRIO[@]}"; do wait $j || FAIL=1; done   # the trio (the whole set trains on)
   # The trio served (acceptance only, k=3, one small server each) while the whole-set draft still trains: served
   # acceptance does not depend on the GPU's load, only the tokens/s would.
   for SET in greedy t07 original; do
@@ -101,8 +107,8 @@ EOF
 serve)
   # The speedup table for the whole-set draft: baseline + one server per k, started together, measured in turn.
   KS=${KS:-"3 1 2 4 5"}   # k=3 first: a run stopped early still has the baseline and k=3
-  phase "bench-serve: whole-set draft, k in [$KS], concurrency [${CONCURRENCY:-1,2,4,8,16,32,64}]"
-  $PY -m evaluation.serve root=$ROOT bench.draft=$OUT/full/export bench.out=$OUT/bench-full \
+  phase "bench-serve: ${SERVE_DRAFT:-full} draft, k in [$KS], concurrency [${CONCURRENCY:-1,2,4,8,16,32,64}]"
+  $PY -m evaluation.serve root=$ROOT bench.draft=$OUT/${SERVE_DRAFT:-full}/export bench.out=$OUT/bench-full \
     bench.num_speculative_tokens=[${KS// /,}] bench.concurrency=[${CONCURRENCY:-1,2,4,8,16,32,64}] \
     bench.num_prompts=${NUM_PROMPTS:-80} bench.max_tokens=256 > "$OUT/bench-full.log" 2>&1 || tail -n 40 "$OUT/bench-full.log"
   cat "$OUT/bench-full/bench_serve.md" 2>/dev/null || true
