@@ -17,7 +17,7 @@
 #   CUT [1024], REPLICAS (stage-1 vLLM servers for the whole set) [3], SAMPLED (1: the sampled 4,420 too) [1],
 #   GREEDY_RECORDS (first N records for the greedy pass; null = the whole set) [null], FULL (1: train the draft on
 #   the whole greedy pass; 0: the trio only) [1], SERVE_DRAFT (the draft of the speedup table: full | trio-greedy
-#   | ...) [full], SAMPLE_TIMEOUT [seconds; stage 1 stops and
+#   | ...) [full], SERVE_TRIO (1: serve the trio at k=3 in the train phase) [1], SAMPLE_TIMEOUT [seconds; stage 1 stops and
 #   a rerun resumes] [480], FULL_LRS ["2e-3"], FULL_EPOCHS [1], KS (served k sweep) ["3 1 2 4 5"], CONCURRENCY
 #   ["1,2,4,8,16,32,64"], NUM_PROMPTS [80], STORAGE (stage-2 shards) [float8_e4m3: the whole set and the trio fit
 #   the disk together].
@@ -93,7 +93,7 @@ EOF
   # The trio served (acceptance only, k=3, one small server each) while the whole-set draft still trains: served
   # acceptance does not depend on the GPU's load, only the tokens/s would.
   for SET in greedy t07 original; do
-    [ -f "$OUT/trio-$SET/export/config.json" ] || continue
+    [ -f "$OUT/trio-$SET/export/config.json" ] && [ "${SERVE_TRIO:-1}" = 1 ] || continue
     $PY -m evaluation.serve root=$ROOT bench.draft=$OUT/trio-$SET/export bench.out=$OUT/bench-trio-$SET \
       bench.baseline=false bench.num_speculative_tokens=[3] bench.concurrency=[16] bench.num_prompts=${NUM_PROMPTS:-80} \
       bench.max_tokens=256 bench.gpu_memory_utilization=0.1 > "$OUT/bench-trio-$SET.log" 2>&1 &
