@@ -1,7 +1,7 @@
 """Run configuration of stage 3 (`make train`): one dataclass, a comment per field, checks in __post_init__.
 
-The YAML (`conf/train.yaml`) is the user-facing source; `TrainConfig.from_dict` turns its `train:` section into
-this schema and refuses unknown keys, so a typo on the command line is a ValueError, not a silently ignored knob.
+The YAML (`conf/train.yaml`) is the user-facing source; `TrainConfig.from_dict` turns its `train:` section (its
+`advanced:` block folded in: common/advanced.py) into this schema and refuses unknown keys, so a typo on the command line is a ValueError, not a silently ignored knob.
 No hydra import here: the GPU stack has no hydra, and benchmarks/tests build TrainConfig directly.
 """
 from __future__ import annotations
@@ -9,6 +9,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from common.advanced import merge_advanced, setting_name
+
+# the fields conf/train.yaml keeps under train.advanced
+ADVANCED = ("step_decay", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "val_max_rows", "verify_shards",
+            "log_every", "keep_ckpts", "draft_overrides", "pad_multiple", "peak_tflops")
+
+
+def setting(field_name: str) -> str:
+    return setting_name("train", field_name, ADVANCED)
 
 
 @dataclass
@@ -68,7 +78,7 @@ class TrainConfig:
     export: bool = True            # write the vLLM/SGLang folder to `out/export` at the end
     device: str | None = None      # cuda | cpu; None = cuda when available
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # ---- internal (not in conf/train.yaml; tests and benchmarks set them) ----
+    # ---- more of train.advanced (ADVANCED names every field conf/train.yaml keeps there) ----
     pad_multiple: int = 64         # micro-batch length rounded up to this: few distinct shapes; tests use 16
     peak_tflops: float | None = None  # MFU denominator for devices missing from metrics.PEAK_BF16_FLOPS
 
@@ -80,14 +90,14 @@ class TrainConfig:
                     "keep_ckpts", "sequence_parallel")
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{setting(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "val_max_rows"):
             if int(getattr(self, name)) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{setting(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.lr must be > 0 and train.min_lr_ratio in [0, 1], got {self.lr}, "
+            raise ValueError(f"train.lr must be > 0 and train.advanced.min_lr_ratio in [0, 1], got {self.lr}, "
                              f"{self.min_lr_ratio}")
         if self.param_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"train.param_dtype must be bfloat16 or float32, got {self.param_dtype!r}")
@@ -97,11 +107,13 @@ class TrainConfig:
             raise ValueError(f"train.activation_checkpointing must be true, false or auto, got "
                              f"{self.activation_checkpointing!r}")
         if not 0.0 < self.step_decay <= 1.0:
-            raise ValueError(f"train.step_decay must be in (0, 1], got {self.step_decay}")
+            raise ValueError(f"train.advanced.step_decay must be in (0, 1], got {self.step_decay}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from the resolved `train:` section; unknown keys are a ValueError naming them."""
+        """Build from the resolved `train:` section (its `advanced:` block folded in); unknown keys are a ValueError
+        naming them."""
+        d = merge_advanced(d, "train")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
