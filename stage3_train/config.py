@@ -62,7 +62,8 @@ class TrainConfig:
     cpu_offload: bool = False
     draft_overrides: dict[str, Any] = field(default_factory=dict)  # DraftConfig fields to change (intermediate_size)
     # ---- optimisation ----
-    steps: int = 1000              # optimizer steps
+    steps: int | None = None       # optimizer steps; None = `epochs` passes over the training rows (with_step_count)
+    epochs: float = 1.0            # passes over the training rows when `steps` is None (fractions allowed)
     lr: float = 1e-4               # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 50         # linear warm-up from ~0 to lr
@@ -86,11 +87,15 @@ class TrainConfig:
         if isinstance(self.wandb, dict):
             self.wandb = WandbConfig(**self.wandb)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        positive = ("max_tokens", "batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "steps", "log_every",
+        positive = ("max_tokens", "batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "log_every",
                     "keep_ckpts", "sequence_parallel")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{setting(name)} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and int(self.steps) < 1:
+            raise ValueError(f"train.steps must be >= 1 or null (= train.epochs passes), got {self.steps}")
+        if not self.epochs > 0:
+            raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "val_max_rows"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{setting(name)} must be >= 0, got {getattr(self, name)}")
@@ -119,6 +124,13 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train.* settings: {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+    def with_step_count(self, micro_batches_per_epoch: int) -> "TrainConfig":
+        """This config with `steps` set: as configured, or (None) `epochs` passes over the training rows, each
+        `micro_batches_per_epoch` (the loader's, per rank) // `grad_accum` optimizer steps, at least 1."""
+        if self.steps is not None:
+            return self
+        return dataclasses.replace(self, steps=max(1, int(self.epochs * micro_batches_per_epoch) // self.grad_accum))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
