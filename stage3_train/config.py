@@ -37,7 +37,9 @@ class TrainConfig:
     init_from: str | None = None             # a published EAGLE-3 export folder to fine-tune (None = random init)
     # ---- data ----
     seed: int = 0                  # model init + data order; same seed => same run, for any world size
-    max_tokens: int = 2048         # tokens per packed row; conversations longer than this are truncated
+    # tokens per packed row (conversations longer than this are truncated); None = the shards' max_length, what
+    # stage 2 cut them to (its manifest; with_row_length)
+    max_tokens: int | None = None
     batch_rows: int = 1            # packed rows per micro-batch per rank
     grad_accum: int = 1            # micro-batches per optimizer step; global batch = world * batch_rows * grad_accum
     val_fraction: float = 0.02     # share of conversations held out for validation (by a hash of their id)
@@ -87,13 +89,16 @@ class TrainConfig:
         if isinstance(self.wandb, dict):
             self.wandb = WandbConfig(**self.wandb)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        positive = ("max_tokens", "batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "log_every",
-                    "keep_ckpts", "sequence_parallel")
+        positive = ("batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "log_every", "keep_ckpts",
+                    "sequence_parallel")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{setting(name)} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and int(self.steps) < 1:
             raise ValueError(f"train.steps must be >= 1 or null (= train.epochs passes), got {self.steps}")
+        if self.max_tokens is not None and int(self.max_tokens) < 1:
+            raise ValueError(f"train.max_tokens must be >= 1 or null (= the shards' max_length), got "
+                             f"{self.max_tokens}")
         if not self.epochs > 0:
             raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "val_max_rows"):
@@ -124,6 +129,16 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train.* settings: {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+    def with_row_length(self, manifest: dict[str, Any]) -> "TrainConfig":
+        """This config with `max_tokens` set: as configured, or (None) the `max_length` stage 2 cut the
+        conversations to (its manifest), so a row holds the longest conversation whole."""
+        if self.max_tokens is not None:
+            return self
+        if not manifest.get("max_length"):
+            raise ValueError(f"{self.data}/manifest.json records no max_length (shards of an older stage 2): set "
+                             "train.max_tokens")
+        return dataclasses.replace(self, max_tokens=int(manifest["max_length"]))
 
     def with_step_count(self, micro_batches_per_epoch: int) -> "TrainConfig":
         """This config with `steps` set: as configured, or (None) `epochs` passes over the training rows, each

@@ -185,6 +185,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.ds = open_shards(cfg.data, cfg.verify_shards)
+        cfg = self.cfg = self._with_row_length(cfg)
         self.target_dir, target_cfg = load_config_json(target["path"])
         self.model, self.draft_cfg, self.layer_ids = build_model(cfg, self.ds, target_cfg, self.target_dir,
                                                                  self.d.device)
@@ -213,6 +214,13 @@ class Trainer:
                                      resume_step=self.step if self.step else None, wandb_cfg=cfg.wandb,
                                      config=cfg.to_dict())
         self.peak = peak_flops(self.d.device, cfg.peak_tflops)
+
+    def _with_row_length(self, cfg: TrainConfig) -> TrainConfig:
+        """`train.max_tokens`, or the length stage 2 cut the conversations to (its manifest)."""
+        resolved = cfg.with_row_length(self.ds.manifest)
+        if cfg.max_tokens is None:
+            self.log(f"train.max_tokens=null: rows of {resolved.max_tokens} tokens (max_length of {cfg.data})")
+        return resolved
 
     def _with_step_count(self, cfg: TrainConfig) -> TrainConfig:
         """`train.steps`, or `train.epochs` passes over this rank's rows (every rank counts the same)."""

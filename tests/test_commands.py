@@ -76,7 +76,7 @@ def test_an_installed_copy_runs_from_any_folder(tmp_path):
     assert (site / "common" / "conf" / "preset" / "demo.yaml").is_file()
     done = run_entry("stage3_train", "+preset=demo", "--cfg", "job", cwd=work, pythonpath=site)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "max_tokens: 512" in done.stdout  # conf/preset/demo.yaml, found inside the installed copy
+    assert "steps: 600" in done.stdout  # conf/preset/demo.yaml, found inside the installed copy
 
 
 # ------------------------------------------------------------------ a command line the command cannot run
@@ -333,3 +333,30 @@ def test_each_stage_builds_its_config_from_the_advanced_block(command, override,
              "stage3_train": lambda: TrainConfig.from_dict(resolved["train"]),
              "evaluation.offline": lambda: EvalConfig(**merge_advanced(resolved["eval"], "eval"))}[command]()
     assert getattr(built, field) == value
+
+
+# ------------------------------------------------------------------ one length across the stages
+
+def resolved_job(module: str, *overrides: str, cwd: Path) -> dict:
+    """The job config a command would run with (`--cfg job --resolve`), parsed."""
+    import yaml
+
+    done = run_entry(module, *overrides, "--cfg", "job", "--resolve", cwd=cwd)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return yaml.safe_load(done.stdout)
+
+
+@pytest.mark.parametrize("overrides, length", [((), 2048), (("max_length=16384",), 16384),
+                                               (("target=qwen3-8b", "max_length=null"), None)])
+def test_stages_one_and_two_cut_conversations_at_one_length(overrides, length, tmp_path):
+    """The top-level max_length is where stage 1 stops a conversation and where stage 2 cuts it."""
+    sample = resolved_job("stage1_sample", *overrides, cwd=tmp_path)
+    hidden = resolved_job("stage2_hidden", *overrides, cwd=tmp_path)
+    assert sample["sample"]["max_conversation_tokens"] == hidden["hidden"]["max_length"] == length
+    assert hidden["hidden"]["on_too_long"] == "truncate"  # stage 1's stop is stage 2's cut
+
+
+def test_stage3_rows_default_to_the_shards_length(tmp_path):
+    """train.max_tokens is null by default: the trainer packs rows of what stage 2's manifest records."""
+    train = resolved_job("stage3_train", cwd=tmp_path)["train"]
+    assert train["max_tokens"] is None and train["steps"] is None and train["epochs"] == 1

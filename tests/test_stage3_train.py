@@ -108,6 +108,18 @@ def test_a_run_with_epochs_trains_that_many_passes(tmp_path, tiny_stage3):
     assert train_records(tmp_path / "run")[-1]["step"] == per_epoch
 
 
+def test_rows_take_the_shards_max_length_unless_configured(tmp_path, tiny_stage3):
+    """train.max_tokens=null: rows as long as the length stage 2 cut the conversations to (manifest max_length)."""
+    assert TrainConfig(max_tokens=None).with_row_length({"max_length": 4096}).max_tokens == 4096
+    assert TrainConfig(max_tokens=512).with_row_length({"max_length": 4096}).max_tokens == 512
+    with pytest.raises(ValueError, match="records no max_length.*set train.max_tokens"):
+        TrainConfig(max_tokens=None).with_row_length({})
+    target, shards = tiny_stage3
+    run(small_cfg(shards, tmp_path / "run", max_tokens=None, steps=2, ckpt_every=2), {"path": str(target)})
+    state = json.loads((tmp_path / "run/checkpoints/step-2/train_state.json").read_text())
+    assert state["config"]["max_tokens"] == json.loads((shards / "manifest.json").read_text())["max_length"] == 64
+
+
 def test_run_refuses_another_targets_shards(tmp_path, tiny_stage3):
     _, shards = tiny_stage3
     other = make_tiny_target(tmp_path / "other")
