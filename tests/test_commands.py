@@ -275,39 +275,23 @@ def test_an_advanced_block_reaches_the_flat_dataclasses():
         merge_advanced({"server": {"port": 1}, "advanced": {"server": {"port": 9}}}, "sample")
 
 
-PRESET_COMMANDS = {"sample": ("sample", "stage1_sample"), "hidden": ("hidden", "stage2_hidden"),
-                   "train": ("train", "stage3_train"), "eval": ("eval", "evaluation.offline"),
-                   "bench": ("bench_serve", "evaluation.serve")}
-
-
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml")))
 def test_every_preset_uses_current_names_and_builds_its_stage_config(preset, tmp_path):
     """Composed with its command as the command line check does (an old or moved key is refused), then built into
-    the command's dataclass (the serving benchmark's needs an export folder)."""
+    the command's dataclass."""
     import yaml
     from omegaconf import OmegaConf
 
-    from common.advanced import merge_advanced
     from common.command_line import check_command_line, compose
-    from evaluation.offline import EvalConfig
-    from evaluation.serve import ServeBenchConfig
-    from stage1_sample.config import SampleConfig
-    from stage2_hidden.config import from_dict
-    from stage3_train.config import TrainConfig
+    from tests.fixtures.configs import SECTIONS, build_stage_config
 
     section = next(key for key in yaml.safe_load((REPO / "conf" / "preset" / f"{preset}.yaml").read_text())
-                   if key in PRESET_COMMANDS)
-    config, command = PRESET_COMMANDS[section]
+                   if key in SECTIONS)
+    config, command = SECTIONS[section]
     overrides = [f"+preset={preset}"]
     check_command_line(REPO / "conf", config, overrides, command)
     resolved = OmegaConf.to_container(compose(REPO / "conf", config, overrides), resolve=True)
-    (tmp_path / "config.json").write_text("{}")
-    {"sample": lambda: SampleConfig.from_omegaconf(resolved["sample"]),
-     "hidden": lambda: from_dict(resolved),
-     "train": lambda: TrainConfig.from_dict(resolved["train"]),
-     "eval": lambda: EvalConfig(**merge_advanced(resolved["eval"], "eval")),
-     "bench": lambda: ServeBenchConfig(**merge_advanced({**resolved["bench"], "draft": str(tmp_path)}, "bench")),
-     }[section]()
+    build_stage_config(section, resolved, tmp_path)
 
 
 @pytest.mark.parametrize("command, override, field, value", [
