@@ -20,7 +20,7 @@ class ServerConfig:
     engine: str = "vllm"                # what a launch starts / what `urls` run: vllm | transformers (`transformers serve`)
     launch: bool = True                 # start a server for the run (stopped at the end, also on Ctrl-C)
     urls: list[str] = field(default_factory=list)  # running OpenAI-compatible servers (round robin); non-empty: no launch
-    port: int = 0                       # (advanced) port of the launched server; 0 = a free one (replicas: port, port+1, ...)
+    port: int = 0                       # (advanced) launched server's port; 0 = a free one (replicas: port, port+1..)
     # servers launched side by side on this machine (same devices), stage 1 round-robins over them: the way past
     # one host-bound `transformers serve` process on a GPU; each gets OMP_NUM_THREADS = cores / replicas unless set
     replicas: int = 1
@@ -83,8 +83,9 @@ class SampleConfig:
     max_conversation_tokens: int | None = None
     seed: int | None = 0                # per-request seed = f(seed, id, turn); null = unseeded
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
-    request_timeout: float = 600.0      # (advanced) deadline of one HTTP request, body included (a retryable timeout)
-    max_retries: int = 6                # (advanced) retries per request: connection errors, timeouts, 408/429/5xx, bad 200s
+    request_timeout: float = 600.0      # (advanced) deadline of one HTTP request, body included (retryable)
+    max_retries: int = 6                # (advanced) retries per request: connection errors, timeouts, 408/429/5xx,
+                                        #   malformed 200s
     resume: bool = True                 # continue an interrupted run in `output` (finished ids are skipped)
     allow_empty: bool = False           # an input with no records is an error (a wrong path or split) unless true
     # a conversation whose first user turn is an evaluation prompt (MT-bench / HumanEval / GSM8K) is skipped and

@@ -138,7 +138,8 @@ def test_tool_conversations_against_the_launched_server(tmp_path, caplog, tool_c
     The launch also carries secret flags: neither config.yaml nor the logged command line shows their values."""
     out = tmp_path / "out"
     resolved = _resolved(_input(tmp_path / "in.jsonl", ["plain", "with tools"], tools_at=(1,)), out,
-                         "sample.advanced.server.startup_timeout=60", f"target.tool_call_parser={tool_call_parser or 'null'}")
+                         "sample.advanced.server.startup_timeout=60",
+                         f"target.tool_call_parser={tool_call_parser or 'null'}")
     server = resolved["sample"]["server"]
     server["extra_args"] = ["--api-key", "sekrit-1", "--hf-token=sekrit-2", "--enforce-eager"]
     server["env"] = {**fake_vllm_env(tmp_path / "fake"), "HF_TOKEN": "sekrit-3"}
