@@ -165,7 +165,7 @@ if [ "$EVAL_PROMPTS" -gt 0 ]; then
   for LR in $LRS; do
     timeout ${EVAL_TIMEOUT:-120} $PY -m evaluation.offline --plain --target $TARGET \
       --draft $RUN/train-lr$LR/export --out $RUN/eval-lr$LR --datasets $EVAL_DATASETS --num-prompts $EVAL_PROMPTS \
-      --turns first --chain-k 3 --max-new-tokens $EVAL_TOKENS > $RUN/eval-lr$LR.log 2>&1 &
+      --turns first --num-speculative-tokens 3 --max-new-tokens $EVAL_TOKENS > $RUN/eval-lr$LR.log 2>&1 &
   done
   for j in $(jobs -p); do wait $j || true; done
   for LR in $LRS; do echo "lr $LR:"; grep -E "^\| (mtbench|humaneval|gsm8k)" $RUN/eval-lr$LR.log || tail -n 3 $RUN/eval-lr$LR.log; done

@@ -139,14 +139,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = [f"target={args.target}", f"sample.server.engine={args.engine}", f"sample.input={args.input}",
             "sample.temperature=0", "sample.top_p=1.0", "sample.seed=0", f"sample.max_tokens={args.max_tokens}",
-            "sample.resume=false", "sample.max_retries=2", f"sample.server.startup_timeout={args.startup_timeout}",
+            "sample.resume=false", "sample.advanced.max_retries=2",
+            f"sample.advanced.server.startup_timeout={args.startup_timeout}",
             f"sample.server.replicas={args.servers}"]
     if args.model:
         base.append(f"target.path={args.model}")
     for key, value in (("cb_num_blocks", args.cb_num_blocks), ("cb_max_batch_tokens", args.cb_max_batch_tokens),
                        ("cb_max_memory_percent", args.cb_max_memory_percent)):
         if value is not None:
-            base.append(f"sample.server.{key}={value}")
+            base.append(f"sample.advanced.server.{key}={value}")
     base += args.override
     probe = compose(base + ["sample.server.launch=false", "sample.server.urls=[http://127.0.0.1:1]"])
     cfg = SampleConfig.from_omegaconf(probe["sample"])
@@ -183,12 +184,12 @@ def main() -> None:
         if args.warmup:
             wdir = out / "warmup"
             shutil.rmtree(wdir, ignore_errors=True)
-            run_stage1(compose(stage1 + [f"sample.output_dir={wdir}", f"sample.num_prompts={args.warmup}",
+            run_stage1(compose(stage1 + [f"sample.output={wdir}", f"sample.num_prompts={args.warmup}",
                                          f"sample.concurrency={min(args.concurrency)}"]))
         for conc in args.concurrency:
             run_dir = out / f"c{conc}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            manifest = run_stage1(compose(stage1 + [f"sample.output_dir={run_dir}", f"sample.num_prompts={args.num_prompts}",
+            manifest = run_stage1(compose(stage1 + [f"sample.output={run_dir}", f"sample.num_prompts={args.num_prompts}",
                                                     f"sample.concurrency={conc}"]))
             tp = manifest["throughput"]
             row = {"concurrency": conc, "servers": record["servers"], **tp, **manifest["accounting"], "requests": generated_turns(run_dir),

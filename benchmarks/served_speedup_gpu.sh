@@ -38,8 +38,8 @@ phase() { echo "[speedup +$(( $(date +%s) - T0 ))s] $*"; }
 stage1() {
   local name=$1; shift
   timeout --signal=INT ${SAMPLE_TIMEOUT:-480} $PY -m stage1_sample root=$ROOT sample.input=wheel:sharegpt \
-    sample.output_dir=$PWD/$RUN/sample-$name sample.max_tokens=1024 sample.max_conversation_tokens=$CUT \
-    sample.rows_per_shard=2000 "$@" > "$OUT/stage1-$name.log" 2>&1 || echo "stage 1 $name: exit $? (rerun resumes)"
+    sample.output=$PWD/$RUN/sample-$name sample.max_tokens=1024 sample.max_conversation_tokens=$CUT \
+    sample.advanced.rows_per_shard=2000 "$@" > "$OUT/stage1-$name.log" 2>&1 || echo "stage 1 $name: exit $? (rerun resumes)"
   grep -E "conversations|tok/s" "$OUT/stage1-$name.log" | tail -n 3 || tail -n 20 "$OUT/stage1-$name.log"
 }
 

@@ -2,11 +2,14 @@
 
     python -m stage1_sample sample.num_prompt=16       -> no setting sample.num_prompt ...; did you mean sample.num_prompts?
     python -m stage3_train +preset=demo_sample         -> stage3_train does not read the section `sample` ...
+    python -m stage1_sample sample.output_dir=out       -> sample.output_dir is now sample.output ...
 
 The command line is composed once the way Hydra will compose it (`--cfg job` included). A mistyped key is named
 with the closest key the command has (Hydra alone advises `+KEY=...`, which adds a setting nothing reads); a
 top-level section the command's own config (`conf/<name>.yaml` and its groups) does not have, which a preset for
-another stage or a `+section.key=...` brings in, is refused, naming the presets written for this command.
+another stage or a `+section.key=...` brings in, is refused, naming the presets written for this command. A key
+that was renamed (RENAMED) or moved into its section's `advanced:` block (common/advanced.py) is refused naming
+its new name, whether the command line or a preset sets it.
 """
 from __future__ import annotations
 
@@ -17,9 +20,18 @@ from typing import Any
 
 import yaml
 
+from common.advanced import ADVANCED
+
 # Hydra switches after which the command does not run, or is composed from other files: nothing to check
 NOT_CHECKED = ("help", "hydra_help", "info", "shell_completion", "multirun", "config_path", "config_name",
                "config_dir", "experimental_rerun")
+
+
+# settings renamed so that one idea has one name in every config (old key -> new key); the old key is refused
+RENAMED = {
+    "sample.output_dir": "sample.output",                    # the output folder: sample.output, hidden.output
+    "eval.chain_k": "eval.num_speculative_tokens",           # draft tokens per step: bench.num_speculative_tokens
+}
 
 
 class CommandLineError(ValueError):
@@ -55,6 +67,10 @@ def check_command_line(conf_dir: Path, config_name: str, argv: list[str], comman
     unread = sorted(set(cfg) - {"hydra"} - set(base))
     if unread:
         raise CommandLineError(unread_sections_message(unread, args.overrides, set(base), conf_dir, command))
+    known = set(dotted_keys(base))
+    stale = [key for key in dotted_keys(cfg, skip=("hydra",)) if key not in known and new_name(key, known)]
+    if stale:  # brought in by `+KEY=...` or a preset
+        raise CommandLineError(renamed_message(stale[0], new_name(stale[0], known), config_name))
     job_name = cfg.hydra.job.name
     return Composed(run_dir_of(cfg), f"{job_name}.log" if job_name else None)
 
@@ -81,9 +97,28 @@ def run_dir_of(cfg: Any) -> Path | None:
 def unknown_key_message(full_key: str, overrides: list[str], base: Any, config_name: str) -> str:
     """`no setting KEY in conf/NAME.yaml; did you mean CLOSEST?` for the override whose key Hydra refused."""
     typed = overridden_key(full_key, overrides)
-    close = difflib.get_close_matches(typed, dotted_keys(base), n=1, cutoff=0.6)
+    known = dotted_keys(base)
+    renamed = new_name(typed, set(known))
+    if renamed:
+        return renamed_message(typed, renamed, config_name)
+    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else f"the settings are listed in conf/{config_name}.yaml"
     return f"no setting {typed} in conf/{config_name}.yaml; {hint}"
+
+
+def new_name(key: str, known: set[str]) -> str | None:
+    """The current name of `key` when it was renamed (RENAMED) or moved into its section's `advanced:` block
+    (`sample.rows_per_shard` -> `sample.advanced.rows_per_shard`, also below a renamed or moved key); else None."""
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    section, _, rest = key.partition(".")
+    moved = f"{section}.{ADVANCED}.{rest}"
+    return moved if rest and moved in known else None
+
+
+def renamed_message(key: str, new: str, config_name: str) -> str:
+    return f"{key} is now {new} (conf/{config_name}.yaml)"
 
 
 def overridden_key(full_key: str, overrides: list[str]) -> str:
@@ -97,8 +132,9 @@ def overridden_key(full_key: str, overrides: list[str]) -> str:
     return full_key
 
 
-def dotted_keys(base: Any) -> list[str]:
-    """Every key of a composed config as `section.key.subkey` (sections and nested sections included)."""
+def dotted_keys(base: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """Every key of a composed config as `section.key.subkey` (sections and nested sections included), but the
+    top-level sections in `skip`."""
     from omegaconf import OmegaConf
 
     def walk(node: dict, prefix: str) -> list[str]:
@@ -109,7 +145,8 @@ def dotted_keys(base: Any) -> list[str]:
                 keys += walk(value, f"{prefix}{key}.")
         return keys
 
-    return walk(OmegaConf.to_container(base, resolve=False), "")
+    tree = OmegaConf.to_container(base, resolve=False)
+    return walk({key: value for key, value in tree.items() if key not in skip}, "")
 
 
 def unread_sections_message(unread: list[str], overrides: list[str], readable: set[str], conf_dir: Path,

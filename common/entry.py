@@ -185,29 +185,46 @@ def plain_parser(config_cls: type, prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def plain_config(config_cls: type, argv: list[str], prog: str) -> Any:
-    """`config_cls` from `--field value` arguments (see `plain_parser`)."""
-    args = vars(plain_parser(config_cls, prog).parse_args(argv))
+def plain_config(config_cls: type, argv: list[str], prog: str, section: str) -> Any:
+    """`config_cls` from `--field value` arguments (see `plain_parser`); the flag of a renamed setting
+    (common.command_line.RENAMED: `--chain-k` for `eval.chain_k`) is refused naming the new one."""
+    parser = plain_parser(config_cls, prog)
+    for old, new in renamed_flags(section).items():
+        if any(arg == old or arg.startswith(old + "=") for arg in argv):
+            parser.error(f"{old} is now {new}")
+    args = vars(parser.parse_args(argv))
     return config_cls(**{k: v for k, v in args.items() if v is not None and k != "plain"})
+
+
+def renamed_flags(section: str) -> dict[str, str]:
+    """{old flag: new flag} of the settings of `section` that were renamed (`--chain-k`: `--num-speculative-tokens`)."""
+    from common.command_line import RENAMED
+
+    def flag(key: str) -> str:
+        return "--" + key.removeprefix(section + ".").replace("_", "-")
+
+    return {flag(old): flag(new) for old, new in RENAMED.items() if old.startswith(section + ".")}
 
 
 def plain_or_hydra(argv: list[str] | None, config_cls: type, run: Callable[[Any], Any], config_name: str,
                    section: str, prog: str) -> None:
-    """Hydra entry (conf/<config_name>.yaml, `run(config_cls(**resolved[section]))`), or argparse with `--plain`
-    or without Hydra installed. Both save the resolved config into `<out>/config.yaml`."""
+    """Hydra entry (conf/<config_name>.yaml, `run(config_cls(**resolved[section]))`, the section's `advanced:`
+    block folded in), or argparse with `--plain` or without Hydra installed (a flag for every field of the flat
+    dataclass). Both save the resolved config into `<out>/config.yaml`."""
+    from common.advanced import merge_advanced
     from common.files import atomic_write_text
 
     argv = sys.argv[1:] if argv is None else argv
     if "--plain" in argv or not has_hydra():
         setup_logging()
-        cfg = plain_config(config_cls, argv, prog)
+        cfg = plain_config(config_cls, argv, prog, section)
         atomic_write_text(Path(cfg.out) / "config.yaml", config_yaml({section: dataclasses.asdict(cfg)}))
         run(cfg)
         return
 
     def from_resolved(resolved: dict[str, Any]) -> None:
         atomic_write_text(Path(resolved[section]["out"]) / "config.yaml", config_yaml(resolved))
-        run(config_cls(**resolved[section]))
+        run(config_cls(**merge_advanced(resolved[section], section)))
 
     sys.argv = [sys.argv[0], *argv]
     hydra_entry(config_name, from_resolved)()
@@ -219,7 +236,7 @@ def dataclass_command(config_cls: type, run: Callable[[Any], Any], config_name: 
     prog = f"python -m {module} --plain"
 
     def plain_args(argv: list[str]) -> Any:
-        return plain_config(config_cls, argv, prog)
+        return plain_config(config_cls, argv, prog, section)
 
     def main(argv: list[str] | None = None) -> None:
         plain_or_hydra(argv, config_cls, run, config_name, section, prog)

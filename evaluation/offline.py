@@ -1,7 +1,7 @@
 """Offline acceptance evaluation (`make eval`): the HF target + the trained draft, greedy speculative decoding.
 
     python -m evaluation.offline eval.draft=data/train/smollm2-135m/export          (hydra, conf/eval.yaml)
-    python -m evaluation.offline eval.datasets=[gsm8k] eval.num_prompts=20 eval.chain_k=[3]
+    python -m evaluation.offline eval.datasets=[gsm8k] eval.num_prompts=20 eval.num_speculative_tokens=[3]
     python -m evaluation.offline --plain --target PATH --draft PATH ...            (argparse: GPU stack)
 
 For every dataset and draft shape (chains of k = 3 and 7 by default, optionally a tree) it decodes every prompt
@@ -46,7 +46,7 @@ class EvalConfig:
     limits: dict[str, int] = field(default_factory=lambda: {"gsm8k": 200})  # per-dataset N (under num_prompts)
     turns: str = "all"                                  # all | first (user turns asked per prompt)
     max_new_tokens: int = 256                           # per answer
-    chain_k: list[int] = field(default_factory=lambda: [3, 7])  # chain drafts of k tokens
+    num_speculative_tokens: list[int] = field(default_factory=lambda: [3, 7])  # chain drafts of k tokens (bench: k)
     tree_depth: int = 0                                 # > 0: also a tree of this depth ...
     tree_topk: int = 4                                  # ... with this many children / frontier nodes per depth ...
     tree_nodes: int = 16                                # ... verifying this many nodes per round
@@ -61,18 +61,19 @@ class EvalConfig:
             raise ValueError("eval.datasets is empty")
         if self.max_new_tokens < 1:
             raise ValueError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.chain_k and self.tree_depth <= 0:
-            raise ValueError("nothing to evaluate: eval.chain_k is empty and eval.tree_depth is 0")
-        if any(int(k) < 1 for k in self.chain_k):
-            raise ValueError(f"eval.chain_k entries must be >= 1, got {self.chain_k}")
+        if not self.num_speculative_tokens and self.tree_depth <= 0:
+            raise ValueError("nothing to evaluate: eval.num_speculative_tokens is empty and eval.tree_depth is 0")
+        if any(int(k) < 1 for k in self.num_speculative_tokens):
+            raise ValueError(f"eval.num_speculative_tokens entries must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
         if self.device not in (None, "cuda", "cpu"):
             raise ValueError(f"eval.device must be cuda, cpu or null, got {self.device!r}")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"eval.dtype must be bfloat16, float16, float32 or null, got {self.dtype!r}")
+            raise ValueError(f"eval.advanced.dtype must be bfloat16, float16, float32 or null, got {self.dtype!r}")
         self.specs()  # validates the tree settings
 
     def specs(self) -> list[TreeSpec]:
-        specs = [TreeSpec(int(k)) for k in self.chain_k]
+        specs = [TreeSpec(int(k)) for k in self.num_speculative_tokens]
         if self.tree_depth > 0:
             specs.append(TreeSpec(self.tree_depth, self.tree_topk, self.tree_nodes))
         return specs

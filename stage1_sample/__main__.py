@@ -64,7 +64,7 @@ def check_resume(out_dir: Path, resolved: dict[str, Any]) -> None:
         diffs.append(f"sample.num_prompts: {old_n!r} -> {new_n!r} (fewer records than the shards may hold)")
     if diffs:
         raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); "
-                         "use another sample.output_dir or the same settings")
+                         "use another sample.output or the same settings")
 
 
 def input_records(cfg: SampleConfig) -> Iterator[Conversation | Skipped] | None:
@@ -82,7 +82,7 @@ def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     """Run stage 1 from a resolved config dict; returns the manifest."""
     cfg = SampleConfig.from_omegaconf(resolved["sample"])
     target = TargetSpec.from_mapping(resolved["target"])
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(cfg.output)
     if cfg.resume:
         check_resume(out_dir, resolved)
     items = input_records(cfg)  # None: no records; a bad input raises here

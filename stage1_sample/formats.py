@@ -349,7 +349,7 @@ def _stage1_manifest(folder: Path) -> dict[str, Any] | None:
         state = "its manifest.json is not marked complete" if manifest else "it has no manifest.json"
         shown = ", ".join(stage1_files[:4]) + (", ..." if len(stage1_files) > 4 else "")
         raise InputFileError(folder, f"stage 1 did not finish ({state}; it holds {shown or 'no shards'}) — re-run "
-                                     f"the same `make sample` (sample.output_dir={folder}, the same settings) to "
+                                     f"the same `make sample` (sample.output={folder}, the same settings) to "
                                      "resume and finish it, then read the folder again")
     if not isinstance(manifest.get("shards"), list):
         raise InputFileError(manifest_path, "has no list of shards")
@@ -367,7 +367,7 @@ def _sample_dir_records(folder: Path, manifest: dict[str, Any]) -> Iterator[Any]
             matches = sha256_file(file) == shard.get("sha256")
         if not matches:
             raise InputFileError(file, "does not match the sha256 in manifest.json: it changed after stage 1 "
-                                       "finished; re-run stage 1 into a new sample.output_dir")
+                                       "finished; re-run stage 1 into a new sample.output")
         if file.suffix == ".parquet":  # normalize_record parses the JSON-text tool_calls / tools of these rows
             yield from _parquet_records(file)
         else:

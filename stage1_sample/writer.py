@@ -80,7 +80,7 @@ class ConversationWriter:
         if existing and not resume:
             raise ValueError(
                 f"{self.dir} already holds shards; pass sample.resume=true to continue that run "
-                "or choose another sample.output_dir"
+                "or choose another sample.output"
             )
         (self.dir / "manifest.json").unlink(missing_ok=True)  # the run is incomplete until a new one lands
         self.done_ids: set[str] = set()
@@ -202,7 +202,7 @@ class ConversationWriter:
             # rows of an earlier pass whose ids this pass's input lacks: the input changed under the same settings
             raise ValueError(f"{self.dir} holds {num_rows} conversations but this pass's input accounts for "
                              f"{accounting['written']} of them: the folder holds records that are not in this input "
-                             "(was the input file edited?); write to another sample.output_dir")
+                             "(was the input file edited?); write to another sample.output")
         shards = [
             {"file": name, "rows": rows, "sha256": sha256_file(self.dir / name)}
             for name, rows in sorted(self.shard_rows.items(), key=lambda kv: self._index(Path(kv[0])))

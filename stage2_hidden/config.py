@@ -1,4 +1,5 @@
-"""Stage-2 settings (the ``hidden:`` group of conf/hidden.yaml; the target preset is ``common.target.TargetSpec``).
+"""Stage-2 settings (the ``hidden:`` group of conf/hidden.yaml, its ``advanced:`` block folded in by
+``common.advanced``; the target preset is ``common.target.TargetSpec``).
 
 Plain dataclasses, no Hydra import, so the GPU benchmark and tests can use them directly.
 """
@@ -7,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from common.advanced import merge_advanced, setting_name
 from common.target import TargetSpec
+
+ADVANCED = ("shard_bytes", "lm_head_chunk", "writer_queue", "writer_threads")  # under hidden.advanced
 
 
 @dataclass
@@ -39,18 +43,22 @@ class HiddenConfig:
             raise ValueError(f"hidden.on_too_long must be truncate or skip, got {self.on_too_long!r}")
         for name in ("batch_tokens", "lm_head_chunk", "draft_vocab_size", "writer_queue", "writer_threads"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"hidden.{name} must be >= 1")
+                raise ValueError(f"{setting(name)} must be >= 1")
         if self.rows_per_shard is None and self.shard_bytes is None:
-            raise ValueError("set hidden.rows_per_shard or hidden.shard_bytes (or both)")
+            raise ValueError("set hidden.rows_per_shard or hidden.advanced.shard_bytes (or both)")
         for name in ("rows_per_shard", "shard_bytes", "max_length", "limit"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
-                raise ValueError(f"hidden.{name} must be >= 1 or null")
+                raise ValueError(f"{setting(name)} must be >= 1 or null")
         from .format import check_storage_dtype
 
         check_storage_dtype(self.storage_dtype)
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"hidden.dtype must be bfloat16, float16, float32 or null, got {self.dtype!r}")
+
+
+def setting(field_name: str) -> str:
+    return setting_name("hidden", field_name, ADVANCED)
 
 
 def _build(cls, data: dict[str, Any]):
@@ -63,4 +71,5 @@ def _build(cls, data: dict[str, Any]):
 
 def from_dict(cfg: dict[str, Any]) -> tuple[TargetSpec, HiddenConfig]:
     """(target, hidden) from the resolved top-level config dict."""
-    return TargetSpec.from_mapping(dict(cfg.get("target") or {})), _build(HiddenConfig, dict(cfg.get("hidden") or {}))
+    hidden = merge_advanced(cfg.get("hidden") or {}, "hidden")
+    return TargetSpec.from_mapping(dict(cfg.get("target") or {})), _build(HiddenConfig, hidden)

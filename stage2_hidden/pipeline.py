@@ -214,9 +214,18 @@ def run(target: TargetSpec, hcfg: HiddenConfig) -> dict | None:
     GPU: a small target is host-bound in one process)."""
     world = init_world(hcfg.device, backend="gloo", timeout=datetime.timedelta(hours=48))
     try:
+        check_device_map(hcfg, world.world_size)
         return _run(target, hcfg, world)
     finally:
         world.close()
+
+
+def check_device_map(hcfg: HiddenConfig, world_size: int) -> None:
+    """`hidden.device_map` spreads one copy of the target over every GPU the process sees; torchrun's ranks all see
+    the same GPUs, so each would load a whole copy onto them: refused (run one process)."""
+    if hcfg.device_map and world_size > 1:
+        raise ValueError(f"hidden.device_map={hcfg.device_map} spreads one target over all the GPUs, but {world_size} "
+                         "processes run (NPROC / torchrun): each would load a whole copy; run one process (NPROC=1)")
 
 
 def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | None:

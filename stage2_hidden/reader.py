@@ -115,7 +115,7 @@ class RowChecks:
 class ShardDataset:
     def __init__(self, path, verify: bool = False, check_reads: bool = True):
         """``verify``: re-hash every shard whole now (slow on TBs); ``check_reads``: the cheap checks of the module
-        docstring (stage 3's ``train.verify_shards``); False skips them."""
+        docstring (stage 3's ``train.advanced.verify_shards``); False skips them."""
         self.dir = Path(path)
         mpath = self.dir / MANIFEST
         if not self.dir.is_dir():

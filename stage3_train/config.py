@@ -1,7 +1,7 @@
 """Run configuration of stage 3 (`make train`): one dataclass, a comment per field, checks in __post_init__.
 
-The YAML (`conf/train.yaml`) is the user-facing source; `TrainConfig.from_dict` turns its `train:` section into
-this schema and refuses unknown keys, so a typo on the command line is a ValueError, not a silently ignored knob.
+The YAML (`conf/train.yaml`) is the user-facing source; `TrainConfig.from_dict` turns its `train:` section (its
+`advanced:` block folded in: common/advanced.py) into this schema and refuses unknown keys, so a typo on the command line is a ValueError, not a silently ignored knob.
 No hydra import here: the GPU stack has no hydra, and benchmarks/tests build TrainConfig directly.
 """
 from __future__ import annotations
@@ -9,6 +9,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from common.advanced import merge_advanced, setting_name
+
+# the fields conf/train.yaml keeps under train.advanced
+ADVANCED = ("step_decay", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "val_max_rows", "verify_shards",
+            "log_every", "keep_ckpts", "draft_overrides", "pad_multiple", "peak_tflops")
+
+
+def setting(field_name: str) -> str:
+    return setting_name("train", field_name, ADVANCED)
 
 
 @dataclass
@@ -27,7 +37,9 @@ class TrainConfig:
     init_from: str | None = None             # a published EAGLE-3 export folder to fine-tune (None = random init)
     # ---- data ----
     seed: int = 0                  # model init + data order; same seed => same run, for any world size
-    max_tokens: int = 2048         # tokens per packed row; conversations longer than this are truncated
+    # tokens per packed row (conversations longer than this are truncated); None = the shards' max_length, what
+    # stage 2 cut them to (its manifest; with_row_length)
+    max_tokens: int | None = None
     batch_rows: int = 1            # packed rows per micro-batch per rank
     grad_accum: int = 1            # micro-batches per optimizer step; global batch = world * batch_rows * grad_accum
     val_fraction: float = 0.02     # share of conversations held out for validation (by a hash of their id)
@@ -52,7 +64,8 @@ class TrainConfig:
     cpu_offload: bool = False
     draft_overrides: dict[str, Any] = field(default_factory=dict)  # DraftConfig fields to change (intermediate_size)
     # ---- optimisation ----
-    steps: int = 1000              # optimizer steps
+    steps: int | None = None       # optimizer steps; None = `epochs` passes over the training rows (with_step_count)
+    epochs: float = 1.0            # passes over the training rows when `steps` is None (fractions allowed)
     lr: float = 1e-4               # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 50         # linear warm-up from ~0 to lr
@@ -68,7 +81,7 @@ class TrainConfig:
     export: bool = True            # write the vLLM/SGLang folder to `out/export` at the end
     device: str | None = None      # cuda | cpu; None = cuda when available
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # ---- internal (not in conf/train.yaml; tests and benchmarks set them) ----
+    # ---- more of train.advanced (ADVANCED names every field conf/train.yaml keeps there) ----
     pad_multiple: int = 64         # micro-batch length rounded up to this: few distinct shapes; tests use 16
     peak_tflops: float | None = None  # MFU denominator for devices missing from metrics.PEAK_BF16_FLOPS
 
@@ -76,18 +89,25 @@ class TrainConfig:
         if isinstance(self.wandb, dict):
             self.wandb = WandbConfig(**self.wandb)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        positive = ("max_tokens", "batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "steps", "log_every",
-                    "keep_ckpts", "sequence_parallel")
+        positive = ("batch_rows", "grad_accum", "pad_multiple", "ttt_steps", "log_every", "keep_ckpts",
+                    "sequence_parallel")
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{setting(name)} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and int(self.steps) < 1:
+            raise ValueError(f"train.steps must be >= 1 or null (= train.epochs passes), got {self.steps}")
+        if self.max_tokens is not None and int(self.max_tokens) < 1:
+            raise ValueError(f"train.max_tokens must be >= 1 or null (= the shards' max_length), got "
+                             f"{self.max_tokens}")
+        if not self.epochs > 0:
+            raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "val_max_rows"):
             if int(getattr(self, name)) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{setting(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.lr must be > 0 and train.min_lr_ratio in [0, 1], got {self.lr}, "
+            raise ValueError(f"train.lr must be > 0 and train.advanced.min_lr_ratio in [0, 1], got {self.lr}, "
                              f"{self.min_lr_ratio}")
         if self.param_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"train.param_dtype must be bfloat16 or float32, got {self.param_dtype!r}")
@@ -97,16 +117,35 @@ class TrainConfig:
             raise ValueError(f"train.activation_checkpointing must be true, false or auto, got "
                              f"{self.activation_checkpointing!r}")
         if not 0.0 < self.step_decay <= 1.0:
-            raise ValueError(f"train.step_decay must be in (0, 1], got {self.step_decay}")
+            raise ValueError(f"train.advanced.step_decay must be in (0, 1], got {self.step_decay}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from the resolved `train:` section; unknown keys are a ValueError naming them."""
+        """Build from the resolved `train:` section (its `advanced:` block folded in); unknown keys are a ValueError
+        naming them."""
+        d = merge_advanced(d, "train")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown train.* settings: {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+    def with_row_length(self, manifest: dict[str, Any]) -> "TrainConfig":
+        """This config with `max_tokens` set: as configured, or (None) the `max_length` stage 2 cut the
+        conversations to (its manifest), so a row holds the longest conversation whole."""
+        if self.max_tokens is not None:
+            return self
+        if not manifest.get("max_length"):
+            raise ValueError(f"{self.data}/manifest.json records no max_length (shards of an older stage 2): set "
+                             "train.max_tokens")
+        return dataclasses.replace(self, max_tokens=int(manifest["max_length"]))
+
+    def with_step_count(self, micro_batches_per_epoch: int) -> "TrainConfig":
+        """This config with `steps` set: as configured, or (None) `epochs` passes over the training rows, each
+        `micro_batches_per_epoch` (the loader's, per rank) // `grad_accum` optimizer steps, at least 1."""
+        if self.steps is not None:
+            return self
+        return dataclasses.replace(self, steps=max(1, int(self.epochs * micro_batches_per_epoch) // self.grad_accum))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

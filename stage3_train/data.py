@@ -15,7 +15,8 @@ micro-batch, identically.
 
 Integrity: `collate` asks a source that can check its bytes (stage 2's ShardDataset, `check_row`) to check each row
 it reads (under sequence parallelism only the rank holding slice 0 of the features checks), so with the Prefetcher the sha256 of a row runs in the background thread, once per row, on bytes it is
-about to copy anyway; a damaged shard stops training with a ShardIntegrityError naming it (`train.verify_shards`).
+about to copy anyway; a damaged shard stops training with a ShardIntegrityError naming it
+(`train.advanced.verify_shards`).
 """
 from __future__ import annotations
 
@@ -347,9 +348,9 @@ def eval_batches(source: RowSource, indices: Sequence[int], *, max_tokens: int, 
 
 
 def open_shards(path: str, verify: bool = True):
-    """Stage 2's ShardDataset over `path`, memory-mapped. `verify` (train.verify_shards): the manifest is checked
-    against each shard's own record now and each row's sha256 as `collate` first reads it (stage2_hidden/reader.py);
-    False skips both."""
+    """Stage 2's ShardDataset over `path`, memory-mapped. `verify` (train.advanced.verify_shards): the manifest is
+    checked against each shard's own record now and each row's sha256 as `collate` first reads it
+    (stage2_hidden/reader.py); False skips both."""
     from stage2_hidden.reader import ShardDataset
 
     return ShardDataset(path, check_reads=verify)

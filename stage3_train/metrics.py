@@ -17,7 +17,7 @@ from common.logs import get_logger
 log = get_logger("stage3")
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; MFU is reported against these unless
-# train.peak_tflops is set (datasheet peaks; an H100/H200 reaches ~780 TFLOP/s on large bf16 matmuls).
+# train.advanced.peak_tflops is set (datasheet peaks; an H100/H200 reaches ~780 TFLOP/s on large bf16 matmuls).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
                    "L40S": 362e12, "B200": 2250e12}
 

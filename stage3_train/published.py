@@ -168,7 +168,7 @@ def check_matches(config: dict[str, Any], tensors: dict[str, torch.Tensor], mode
               "norm_before_residual": bool(config.get("norm_before_residual", False))}
     for key, value in theirs.items():
         if value != getattr(mine, key):
-            hint = " (train.draft_overrides can set it)" if key == "norm_before_residual" else ""
+            hint = " (train.advanced.draft_overrides can set it)" if key == "norm_before_residual" else ""
             raise ValueError(f"{folder}: config.json {key} = {value}, the draft built for this target has "
                              f"{getattr(mine, key)}{hint}")
     own = model.state_dict()

@@ -185,6 +185,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.ds = open_shards(cfg.data, cfg.verify_shards)
+        cfg = self.cfg = self._with_row_length(cfg)
         self.target_dir, target_cfg = load_config_json(target["path"])
         self.model, self.draft_cfg, self.layer_ids = build_model(cfg, self.ds, target_cfg, self.target_dir,
                                                                  self.d.device)
@@ -197,8 +198,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                            fused=self.d.device.type == "cuda" and not cfg.cpu_offload)  # GPUs:
         # one kernel per step; cpu_offload: the parameters and states are host tensors (the foreach CPU step)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         # sequence parallelism: ranks of one SP group share rows (the loader sees the dp axis only)
         self.sp = SPGroup.create(cfg.sequence_parallel, d.device.type) if cfg.sequence_parallel > 1 else None
         dp_rank, dp_size = (d.rank, d.world_size) if self.sp is None else (self.sp.dp_rank, self.sp.dp_size)
@@ -207,11 +206,28 @@ class Trainer:
                                    rank=dp_rank, world_size=dp_size, seed=cfg.seed,
                                    hidden_part=None if self.sp is None else (self.sp.rank, self.sp.size),
                                    pad_multiple=cfg.pad_multiple)
+        cfg = self.cfg = self._with_step_count(cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         self.step = self._maybe_resume()
         self.metrics = MetricsLogger(self.out, enabled=self.d.rank == 0,
                                      resume_step=self.step if self.step else None, wandb_cfg=cfg.wandb,
                                      config=cfg.to_dict())
         self.peak = peak_flops(self.d.device, cfg.peak_tflops)
+
+    def _with_row_length(self, cfg: TrainConfig) -> TrainConfig:
+        """`train.max_tokens`, or the length stage 2 cut the conversations to (its manifest)."""
+        resolved = cfg.with_row_length(self.ds.manifest)
+        if cfg.max_tokens is None:
+            self.log(f"train.max_tokens=null: rows of {resolved.max_tokens} tokens (max_length of {cfg.data})")
+        return resolved
+
+    def _with_step_count(self, cfg: TrainConfig) -> TrainConfig:
+        """`train.steps`, or `train.epochs` passes over this rank's rows (every rank counts the same)."""
+        resolved = cfg.with_step_count(self.loader.steps_per_epoch())
+        if cfg.steps is None:
+            self.log(f"train.steps=null: {cfg.epochs:g} epoch(s) = {resolved.steps} optimizer steps")
+        return resolved
 
     def _maybe_resume(self) -> int:
         found = checkpoint.latest(self.ckpt_root)

@@ -143,7 +143,7 @@ ROWS = [
     Row("incomplete stage-1 folder", unfinished_stage1,
         r"sample: stage 1 did not finish \(it has no manifest\.json; it holds failed\.jsonl, "
         r"shard-00000\.jsonl, shard-00001\.jsonl\.partial, skipped\.jsonl\) — re-run the same `make sample` "
-        r"\(sample\.output_dir=\S+/sample, the same settings\) to resume and finish it"),
+        r"\(sample\.output=\S+/sample, the same settings\) to resume and finish it"),
     Row("stage-1 shard changed after its manifest", changed_stage1,
         r"shard-00000\.jsonl: does not match the sha256 in manifest\.json"),
 ]

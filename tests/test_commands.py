@@ -76,7 +76,7 @@ def test_an_installed_copy_runs_from_any_folder(tmp_path):
     assert (site / "common" / "conf" / "preset" / "demo.yaml").is_file()
     done = run_entry("stage3_train", "+preset=demo", "--cfg", "job", cwd=work, pythonpath=site)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "max_tokens: 512" in done.stdout  # conf/preset/demo.yaml, found inside the installed copy
+    assert "steps: 600" in done.stdout  # conf/preset/demo.yaml, found inside the installed copy
 
 
 # ------------------------------------------------------------------ a command line the command cannot run
@@ -157,7 +157,7 @@ def test_stage2_on_an_unfinished_stage1_folder_says_resume_stage1(tmp_path):
 
 
 def test_a_missing_relative_path_is_not_sent_to_the_hub(tmp_path):
-    done = run_entry("stage1_sample", "sample.input=data/sharegpt/convs.jsonl", "sample.output_dir=out",
+    done = run_entry("stage1_sample", "sample.input=data/sharegpt/convs.jsonl", "sample.output=out",
                      cwd=tmp_path)
     line = one_error_line(done, "stage1_sample")
     assert f"data/sharegpt/convs.jsonl: no such file or folder (relative paths start at {tmp_path})" in line
@@ -167,7 +167,7 @@ def test_a_missing_relative_path_is_not_sent_to_the_hub(tmp_path):
 
 def test_a_hub_name_is_loaded_saying_so(tmp_path):
     """`OWNER/NAME` may be a hub dataset: stage 1 says it is going to the hub, and a refusal names both readings."""
-    done = run_entry("stage1_sample", "sample.input=nobody/no-such-set", "sample.output_dir=out", cwd=tmp_path,
+    done = run_entry("stage1_sample", "sample.input=nobody/no-such-set", "sample.output=out", cwd=tmp_path,
                      env={"HF_HUB_OFFLINE": "1"})
     assert "nobody/no-such-set is not a local file or folder" in done.stdout + done.stderr  # the log line
     line = one_error_line(done, "stage1_sample")
@@ -214,3 +214,133 @@ def test_a_failed_run_removes_only_the_folders_it_made_for_nothing(tmp_path):
     (tmp_path / "train" / "checkpoints" / "step-1.pt").unlink()
     existed.remove_if_unused()
     assert (tmp_path / "train" / "checkpoints").is_dir()
+
+
+# ------------------------------------------------------------------ renamed settings and the advanced: blocks
+
+@pytest.mark.parametrize("command, override, new", [
+    ("stage1_sample", "sample.output_dir=out", "sample.output"),
+    ("stage1_sample", "+sample.output_dir=out", "sample.output"),               # added, not overridden: refused too
+    ("stage1_sample", "sample.rows_per_shard=5", "sample.advanced.rows_per_shard"),
+    ("stage1_sample", "sample.server.cb_num_blocks=64", "sample.advanced.server.cb_num_blocks"),
+    ("stage2_hidden", "hidden.writer_threads=4", "hidden.advanced.writer_threads"),
+    ("stage3_train", "train.log_every=5", "train.advanced.log_every"),
+    ("evaluation.offline", "eval.chain_k=[3]", "eval.num_speculative_tokens"),
+    ("evaluation.offline", "eval.limits.gsm8k=20", "eval.advanced.limits.gsm8k"),
+    ("evaluation.serve", "bench.warmup_requests=1", "bench.advanced.warmup_requests"),
+])
+def test_an_old_setting_name_is_refused_naming_the_new_one(command, override, new, tmp_path):
+    done = run_entry(command, override, "--cfg", "job", cwd=tmp_path)
+    line = one_error_line(done, command)
+    old = override.lstrip("+").split("=")[0]
+    assert done.returncode == 2 and line.endswith(f"{old} is now {new} (conf/{CONFIG_OF[command]}.yaml)"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+CONFIG_OF = {"stage1_sample": "sample", "stage2_hidden": "hidden", "stage3_train": "train",
+             "evaluation.offline": "eval", "evaluation.serve": "bench_serve"}
+
+
+def test_a_preset_with_an_old_name_is_refused(tmp_path):
+    """A user's own preset (Hydra's search path) that still says sample.output_dir."""
+    (tmp_path / "preset").mkdir()
+    (tmp_path / "preset" / "mine.yaml").write_text("# @package _global_\nsample:\n  output_dir: out\n")
+    done = run_entry("stage1_sample", f"hydra.searchpath=[file://{tmp_path}]", "+preset=mine", "--cfg", "job",
+                     cwd=tmp_path)
+    assert "sample.output_dir is now sample.output" in one_error_line(done, "stage1_sample")
+
+
+def test_the_plain_entry_refuses_a_renamed_flag(tmp_path):
+    done = run_entry("evaluation.offline", "--plain", "--chain-k", "3", cwd=tmp_path)
+    assert done.returncode == 2 and "--chain-k is now --num-speculative-tokens" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_renamed_key_has_its_new_name_in_the_configs():
+    from common.command_line import RENAMED, compose, dotted_keys
+
+    for old, new in RENAMED.items():
+        config = {"sample": "sample", "eval": "eval"}[old.split(".")[0]]
+        keys = dotted_keys(compose(REPO / "conf", config, []))
+        assert new in keys and old not in keys
+
+
+def test_an_advanced_block_reaches_the_flat_dataclasses():
+    from common.advanced import merge_advanced
+
+    section = {"input": "x", "server": {"engine": "vllm"}, "advanced": {"rows_per_shard": 5, "server": {"port": 9}}}
+    assert merge_advanced(section, "sample") == {"input": "x", "server": {"engine": "vllm", "port": 9},
+                                                 "rows_per_shard": 5}
+    with pytest.raises(ValueError, match="sample.server.port and sample.advanced.server.port are the same setting"):
+        merge_advanced({"server": {"port": 1}, "advanced": {"server": {"port": 9}}}, "sample")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml")))
+def test_every_preset_uses_current_names_and_builds_its_stage_config(preset, tmp_path):
+    """Composed with its command as the command line check does (an old or moved key is refused), then built into
+    the command's dataclass."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from common.command_line import check_command_line, compose
+    from tests.fixtures.configs import SECTIONS, build_stage_config
+
+    section = next(key for key in yaml.safe_load((REPO / "conf" / "preset" / f"{preset}.yaml").read_text())
+                   if key in SECTIONS)
+    config, command = SECTIONS[section]
+    overrides = [f"+preset={preset}"]
+    check_command_line(REPO / "conf", config, overrides, command)
+    resolved = OmegaConf.to_container(compose(REPO / "conf", config, overrides), resolve=True)
+    build_stage_config(section, resolved, tmp_path)
+
+
+@pytest.mark.parametrize("command, override, field, value", [
+    ("stage1_sample", "sample.advanced.server.startup_timeout=5", "startup_timeout", 5),
+    ("stage2_hidden", "hidden.advanced.writer_threads=3", "writer_threads", 3),
+    ("stage3_train", "train.advanced.pad_multiple=16", "pad_multiple", 16),
+    ("evaluation.offline", "eval.advanced.dtype=float32", "dtype", "float32"),
+])
+def test_each_stage_builds_its_config_from_the_advanced_block(command, override, field, value):
+    """What each command's loader makes of conf/<name>.yaml with an advanced setting changed."""
+    from omegaconf import OmegaConf
+
+    from common.advanced import merge_advanced
+    from common.command_line import compose
+    from evaluation.offline import EvalConfig
+    from stage1_sample.config import SampleConfig
+    from stage2_hidden.config import from_dict
+    from stage3_train.config import TrainConfig
+
+    resolved = OmegaConf.to_container(compose(REPO / "conf", CONFIG_OF[command], [override]), resolve=True)
+    built = {"stage1_sample": lambda: SampleConfig.from_omegaconf(resolved["sample"]).server,
+             "stage2_hidden": lambda: from_dict(resolved)[1],
+             "stage3_train": lambda: TrainConfig.from_dict(resolved["train"]),
+             "evaluation.offline": lambda: EvalConfig(**merge_advanced(resolved["eval"], "eval"))}[command]()
+    assert getattr(built, field) == value
+
+
+# ------------------------------------------------------------------ one length across the stages
+
+def resolved_job(module: str, *overrides: str, cwd: Path) -> dict:
+    """The job config a command would run with (`--cfg job --resolve`), parsed."""
+    import yaml
+
+    done = run_entry(module, *overrides, "--cfg", "job", "--resolve", cwd=cwd)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return yaml.safe_load(done.stdout)
+
+
+@pytest.mark.parametrize("overrides, length", [((), 2048), (("max_length=16384",), 16384),
+                                               (("target=qwen3-8b", "max_length=null"), None)])
+def test_stages_one_and_two_cut_conversations_at_one_length(overrides, length, tmp_path):
+    """The top-level max_length is where stage 1 stops a conversation and where stage 2 cuts it."""
+    sample = resolved_job("stage1_sample", *overrides, cwd=tmp_path)
+    hidden = resolved_job("stage2_hidden", *overrides, cwd=tmp_path)
+    assert sample["sample"]["max_conversation_tokens"] == hidden["hidden"]["max_length"] == length
+    assert hidden["hidden"]["on_too_long"] == "truncate"  # stage 1's stop is stage 2's cut
+
+
+def test_stage3_rows_default_to_the_shards_length(tmp_path):
+    """train.max_tokens is null by default: the trainer packs rows of what stage 2's manifest records."""
+    train = resolved_job("stage3_train", cwd=tmp_path)["train"]
+    assert train["max_tokens"] is None and train["steps"] is None and train["epochs"] == 1

@@ -42,7 +42,7 @@ def test_builtin_prompt_sets_and_turns(tmp_path):
     with pytest.raises(ValueError):
         load_prompts("mtbench", turns="second")
     with pytest.raises(ValueError):
-        EvalConfig(chain_k=[], tree_depth=0)
+        EvalConfig(num_speculative_tokens=[], tree_depth=0)
     with pytest.raises(ValueError):
         EvalConfig(tree_depth=3, tree_topk=2, tree_nodes=100)
 
@@ -93,8 +93,8 @@ def test_wrong_draft_accepts_nothing(smollm2_eval):
 def test_run_writes_json_and_png(smollm2_dir, random_smollm2_export, tmp_path):
     cfg = _plain_args(["--plain", "--target", str(smollm2_dir), "--draft", str(random_smollm2_export),
                        "--out", str(tmp_path / "eval"), "--datasets", "gsm8k", "--num-prompts", "1",
-                       "--max-new-tokens", "8", "--chain-k", "2", "--tree-depth", "2", "--tree-topk", "2",
-                       "--tree-nodes", "4", "--device", "cpu"])
+                       "--max-new-tokens", "8", "--num-speculative-tokens", "2", "--tree-depth", "2",
+                       "--tree-topk", "2", "--tree-nodes", "4", "--device", "cpu"])
     report = run(cfg)
     saved = json.loads((tmp_path / "eval" / "acceptance.json").read_text())
     assert saved["complete"] is True and saved["layer_ids"] == [2, 15, 27]

@@ -22,7 +22,7 @@ def test_sample_yaml_composes_and_validates():
     cfg = _compose("sample.num_prompts=16", "sample.max_tokens=64", "target=qwen3-8b")
     sample = SampleConfig.from_omegaconf(cfg.sample)
     assert sample.num_prompts == 16 and sample.max_tokens == 64 and sample.server.launch
-    assert sample.output_dir == "data/sample/qwen3-8b"
+    assert sample.output == "data/sample/qwen3-8b"
     assert sample.chat_template_kwargs == {"enable_thinking": True}  # from the target preset
     assert sample.server.env == {"VLLM_CPU_KVCACHE_SPACE": "2"}
     target = TargetInfo.from_mapping(dict(cfg.target))
@@ -38,8 +38,8 @@ def test_sample_yaml_composes_and_validates():
     ("sample.server.urls=[localhost:8000]", "http://"),
     ("+sample.tempreature=1", "unknown sample"),
     ("sample.server.engine=sglang", "sample.server.engine"),
-    ("sample.server.cb_num_blocks=0", "sample.server.cb_num_blocks"),
-    ("sample.server.cb_max_memory_percent=1.5", "sample.server.cb_max_memory_percent"),
+    ("sample.advanced.server.cb_num_blocks=0", "sample.advanced.server.cb_num_blocks"),
+    ("sample.advanced.server.cb_max_memory_percent=1.5", "sample.advanced.server.cb_max_memory_percent"),
     ("sample.server.replicas=0", "sample.server.replicas"),
     ("sample.max_conversation_tokens=0", "sample.max_conversation_tokens"),
 ])
@@ -92,7 +92,7 @@ def test_gpu_launch_settings_reach_the_vllm_command_line(tmp_path):
 
 def test_engine_transformers_composes():
     sample = SampleConfig.from_omegaconf(_compose("sample.server.engine=transformers",
-                                                  "sample.server.cb_num_blocks=16").sample)
+                                                  "sample.advanced.server.cb_num_blocks=16").sample)
     assert sample.server.engine == "transformers"
     assert sample.cb_bounds() == {"cb_num_blocks": 16, "cb_max_batch_tokens": None, "cb_max_memory_percent": None}
     assert SampleConfig.from_omegaconf(_compose().sample).server.engine == "vllm"  # the default

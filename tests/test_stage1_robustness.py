@@ -52,8 +52,8 @@ def _input(path: Path, contents: list[str], tools_at: tuple[int, ...] = ()) -> P
 def _resolved(input_file: Path, out_dir: Path, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="sample", overrides=[
-            f"sample.input={input_file}", f"sample.output_dir={out_dir}", "sample.max_tokens=8",
-            "sample.concurrency=2", "sample.request_timeout=1", "sample.max_retries=1", *overrides])
+            f"sample.input={input_file}", f"sample.output={out_dir}", "sample.max_tokens=8",
+            "sample.concurrency=2", "sample.advanced.request_timeout=1", "sample.advanced.max_retries=1", *overrides])
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -138,7 +138,8 @@ def test_tool_conversations_against_the_launched_server(tmp_path, caplog, tool_c
     The launch also carries secret flags: neither config.yaml nor the logged command line shows their values."""
     out = tmp_path / "out"
     resolved = _resolved(_input(tmp_path / "in.jsonl", ["plain", "with tools"], tools_at=(1,)), out,
-                         "sample.server.startup_timeout=60", f"target.tool_call_parser={tool_call_parser or 'null'}")
+                         "sample.advanced.server.startup_timeout=60",
+                         f"target.tool_call_parser={tool_call_parser or 'null'}")
     server = resolved["sample"]["server"]
     server["extra_args"] = ["--api-key", "sekrit-1", "--hf-token=sekrit-2", "--enforce-eager"]
     server["env"] = {**fake_vllm_env(tmp_path / "fake"), "HF_TOKEN": "sekrit-3"}
@@ -170,7 +171,7 @@ def test_tool_conversations_against_the_launched_server(tmp_path, caplog, tool_c
 def test_an_empty_input_fails_loudly_unless_allowed(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     base = [sys.executable, "-m", "stage1_sample", f"sample.input={tmp_path / 'empty.jsonl'}",
-            f"sample.output_dir={tmp_path / 'out'}", "sample.server.launch=false",
+            f"sample.output={tmp_path / 'out'}", "sample.server.launch=false",
             "sample.server.urls=[http://127.0.0.1:9]"]  # never contacted: there is nothing to send
     refused = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "has no records" in refused.stderr + refused.stdout

@@ -125,9 +125,10 @@ def _write_input(path: Path) -> list[str]:
 
 
 def _cli(out_dir: Path, input_file: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "stage1_sample", f"sample.input={input_file}", f"sample.output_dir={out_dir}",
-            "sample.max_tokens=16", "sample.temperature=0", "sample.rows_per_shard=2", "sample.concurrency=2",
-            "sample.max_retries=1", *extra]
+    """Stage 1 with no conversation length (max_length=null): the huge prompt goes to the server, which refuses it."""
+    return [sys.executable, "-m", "stage1_sample", f"sample.input={input_file}", f"sample.output={out_dir}",
+            "sample.max_tokens=16", "sample.temperature=0", "sample.advanced.rows_per_shard=2", "sample.concurrency=2",
+            "sample.advanced.max_retries=1", "max_length=null", *extra]
 
 
 def _rows_on_disk(out_dir: Path) -> int:

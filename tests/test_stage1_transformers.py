@@ -84,10 +84,10 @@ def _write_input(path: Path) -> None:
 def test_cli_engine_transformers_turn_by_turn_then_no_process_left(smollm2_dir, tmp_path):
     _write_input(tmp_path / "in.jsonl")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stage1_sample", f"sample.input={tmp_path / 'in.jsonl'}", f"sample.output_dir={out}",
+    cmd = [sys.executable, "-m", "stage1_sample", f"sample.input={tmp_path / 'in.jsonl'}", f"sample.output={out}",
            f"target.path={smollm2_dir}", "sample.server.engine=transformers", "sample.server.launch=true",
-           "sample.server.cb_num_blocks=32", "sample.server.cb_max_batch_tokens=512",
-           "sample.max_tokens=16", "sample.temperature=0", "sample.concurrency=2", "sample.max_retries=1"]
+           "sample.advanced.server.cb_num_blocks=32", "sample.advanced.server.cb_max_batch_tokens=512",
+           "sample.max_tokens=16", "sample.temperature=0", "sample.concurrency=2", "sample.advanced.max_retries=1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     line = re.search(r"accounting: input (\d+) = written (\d+) \+ skipped (\d+) \+ failed (\d+) \(resumed (\d+); "
@@ -193,10 +193,10 @@ def test_cli_replicas_spread_the_requests_then_no_process_left(smollm2_dir, tmp_
     log shows answered requests) and stops both process groups at the end."""
     _write_input(tmp_path / "in.jsonl")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stage1_sample", f"sample.input={tmp_path / 'in.jsonl'}", f"sample.output_dir={out}",
+    cmd = [sys.executable, "-m", "stage1_sample", f"sample.input={tmp_path / 'in.jsonl'}", f"sample.output={out}",
            f"target.path={smollm2_dir}", "sample.server.engine=transformers", "sample.server.replicas=2",
-           "sample.server.cb_num_blocks=32", "sample.server.cb_max_batch_tokens=512",
-           "sample.max_tokens=8", "sample.temperature=0", "sample.concurrency=2", "sample.max_retries=1"]
+           "sample.advanced.server.cb_num_blocks=32", "sample.advanced.server.cb_max_batch_tokens=512",
+           "sample.max_tokens=8", "sample.temperature=0", "sample.concurrency=2", "sample.advanced.max_retries=1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["accounting"]["written"] == 3

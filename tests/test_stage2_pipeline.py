@@ -210,3 +210,14 @@ def test_two_ranks_write_the_same_shards_as_one(tmp_path, smollm2_dir):
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     assert [r["id"] for r in ShardDataset(two, verify=True)] == [f"conv-{i}" for i in range(6)]
+
+
+def test_device_map_runs_in_one_process_only():
+    """device_map=auto spreads one copy over every GPU the process sees; torchrun's ranks all see the same GPUs."""
+    from stage2_hidden.config import HiddenConfig
+    from stage2_hidden.pipeline import check_device_map
+
+    check_device_map(HiddenConfig(device_map="auto"), 1)
+    check_device_map(HiddenConfig(), 8)
+    with pytest.raises(ValueError, match="hidden.device_map=auto .* 8 processes .* run one process"):
+        check_device_map(HiddenConfig(device_map="auto"), 8)

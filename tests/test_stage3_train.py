@@ -81,6 +81,45 @@ def test_no_training_preset_carries_layer_ids():
         assert "layer_ids" not in train, preset.name
 
 
+def test_epochs_count_the_steps_when_steps_is_null():
+    """train.steps=null: epochs x the loader's micro-batches per epoch, over grad_accum (at least one step)."""
+    assert TrainConfig(epochs=0.5).with_step_count(10).steps == 5
+    assert TrainConfig(epochs=3, grad_accum=4).with_step_count(10).steps == 7   # 30 micro-batches -> 7 full steps
+    assert TrainConfig(epochs=0.01).with_step_count(10).steps == 1
+    assert TrainConfig(steps=9, epochs=3).with_step_count(10).steps == 9        # a configured count wins
+    with pytest.raises(ValueError, match="train.epochs must be > 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="train.steps must be >= 1 or null"):
+        TrainConfig(steps=0)
+
+
+def test_a_run_with_epochs_trains_that_many_passes(tmp_path, tiny_stage3):
+    from stage3_train.data import PackedLoader, open_shards, split_rows
+
+    target, shards = tiny_stage3
+    cfg = small_cfg(shards, tmp_path / "run", steps=None, epochs=2, grad_accum=2, ckpt_every=0)
+    ds = open_shards(str(shards), True)
+    train_idx, _ = split_rows([str(ds[i]["id"]) for i in range(len(ds))], cfg.val_fraction)
+    per_epoch = PackedLoader(ds, train_idx, max_tokens=64, batch_rows=1, rank=0, world_size=1, seed=0,
+                             pad_multiple=16).steps_per_epoch()
+    assert per_epoch > 2
+    result = run(cfg, {"path": str(target)})
+    assert result["step"] == per_epoch  # 2 passes of per_epoch micro-batches, 2 micro-batches a step
+    assert train_records(tmp_path / "run")[-1]["step"] == per_epoch
+
+
+def test_rows_take_the_shards_max_length_unless_configured(tmp_path, tiny_stage3):
+    """train.max_tokens=null: rows as long as the length stage 2 cut the conversations to (manifest max_length)."""
+    assert TrainConfig(max_tokens=None).with_row_length({"max_length": 4096}).max_tokens == 4096
+    assert TrainConfig(max_tokens=512).with_row_length({"max_length": 4096}).max_tokens == 512
+    with pytest.raises(ValueError, match="records no max_length.*set train.max_tokens"):
+        TrainConfig(max_tokens=None).with_row_length({})
+    target, shards = tiny_stage3
+    run(small_cfg(shards, tmp_path / "run", max_tokens=None, steps=2, ckpt_every=2), {"path": str(target)})
+    state = json.loads((tmp_path / "run/checkpoints/step-2/train_state.json").read_text())
+    assert state["config"]["max_tokens"] == json.loads((shards / "manifest.json").read_text())["max_length"] == 64
+
+
 def test_run_refuses_another_targets_shards(tmp_path, tiny_stage3):
     _, shards = tiny_stage3
     other = make_tiny_target(tmp_path / "other")
