@@ -31,8 +31,8 @@ class WandbConfig:
 @dataclass
 class TrainConfig:
     # ---- where ----
-    data: str = "data/hidden/smollm2-135m"   # stage-2 shard folder (manifest.json + shard-*.arrow + vocab.safetensors)
-    out: str = "data/train/smollm2-135m"     # run folder: checkpoints, metrics.jsonl, tb/, curves.png, export/
+    input: str = "data/hidden/smollm2-135m"  # stage-2 shard folder (manifest.json + shard-*.arrow + vocab.safetensors)
+    output: str = "data/train/smollm2-135m"  # run folder: checkpoints, metrics.jsonl, tb/, curves.png, export/
 
     init_from: str | None = None             # a published EAGLE-3 export folder to fine-tune (None = random init)
     # ---- data ----
@@ -50,7 +50,9 @@ class TrainConfig:
     verify_shards: bool = True
     layer_ids: list[int] | None = None  # aux layer ids (vLLM ids); None = the shards' (stage 2's manifest); a list must equal them
     # ---- model / TTT ----
-    ttt_steps: int = 7             # unrolled training-time-test steps k
+    # draft steps unrolled in training (training-time test), each fed the draft's own previous output; the k a
+    # server drafts (eval / bench num_speculative_tokens) is chosen at serving time and should be <= ttt_steps
+    ttt_steps: int = 7
     step_decay: float = 0.8        # loss weight of TTT step i is step_decay**i (normalised by the global valid count)
     # recompute each TTT step in backward (memory linear in T, ~+30% FLOPs): true | false | auto = only when the
     # activations of max_tokens * batch_rows tokens would not fit the free device memory (parallelize.py)
@@ -77,8 +79,8 @@ class TrainConfig:
     eval_every: int = 200          # steps between validation passes (0 = only at the end)
     ckpt_every: int = 500          # steps between checkpoints (0 = only at the end)
     keep_ckpts: int = 2            # keep the latest k complete checkpoints
-    resume: bool = False           # continue from the latest complete checkpoint in `out`
-    export: bool = True            # write the vLLM/SGLang folder to `out/export` at the end
+    resume: bool = False           # continue from the latest complete checkpoint in `output`
+    export: bool = True            # write the vLLM/SGLang folder to `output/export` at the end
     device: str | None = None      # cuda | cpu; None = cuda when available
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # ---- more of train.advanced (ADVANCED names every field conf/train.yaml keeps there) ----
@@ -136,7 +138,7 @@ class TrainConfig:
         if self.max_tokens is not None:
             return self
         if not manifest.get("max_length"):
-            raise ValueError(f"{self.data}/manifest.json records no max_length (shards of an older stage 2): set "
+            raise ValueError(f"{self.input}/manifest.json records no max_length (shards of an older stage 2): set "
                              "train.max_tokens")
         return dataclasses.replace(self, max_tokens=int(manifest["max_length"]))
 
