@@ -100,10 +100,10 @@ elif [ ! -f "$TARGET/.converted" ]; then
 fi
 
 if has hidden && [ ! -f "$RUN/hidden/manifest.json" ]; then
-phase "stage 2: $INPUT (limit $LIMIT), max_length $MAXLEN, $NPROC2 ranks on one GPU"; df -h "$ROOT" | tail -n 1
+phase "stage 2: $INPUT (first $LIMIT), max_length $MAXLEN, $NPROC2 ranks on one GPU"; df -h "$ROOT" | tail -n 1
 # A 135M target leaves the GPU mostly idle in one process (host-bound), so NPROC2 ranks share it: rank r writes
 # shards r, r+N, ... (same bytes as one rank). If the multi-rank run fails, one process resumes it.
-S2_ARGS=(root=$ROOT target.path=$TARGET hidden.input=$INPUT hidden.limit=$LIMIT hidden.output=$RUN/hidden
+S2_ARGS=(root=$ROOT target.path=$TARGET hidden.input=$INPUT hidden.num_prompts=$LIMIT hidden.output=$RUN/hidden
   hidden.max_length=$MAXLEN hidden.on_too_long=truncate hidden.dtype=bfloat16 hidden.batch_tokens=16384
   hidden.rows_per_shard=${ROWS_PER_SHARD:-512} hidden.storage_dtype=${STORAGE:-bfloat16})
 run_stage2 "$RUN/stage2.log" "${S2_ARGS[@]}"
@@ -128,8 +128,8 @@ EOF
 )
 phase "stage 3: $STEPS steps (${EPOCHS:-1} epochs) for lr in $LRS, in parallel"
 for LR in $LRS; do
-  $PY -m stage3_train root=$ROOT target.path=$TARGET +preset=$PRESET train.data=$RUN/hidden \
-    train.out=$RUN/train-lr$LR train.lr=$LR train.steps=$STEPS train.max_tokens=$MAXTOK > $RUN/train-lr$LR.log 2>&1 &
+  $PY -m stage3_train root=$ROOT target.path=$TARGET +preset=$PRESET train.input=$RUN/hidden \
+    train.output=$RUN/train-lr$LR train.lr=$LR train.steps=$STEPS train.max_tokens=$MAXTOK > $RUN/train-lr$LR.log 2>&1 &
 done
 FAIL=0; for j in $(jobs -p); do wait $j || FAIL=1; done
 for LR in $LRS; do tail -n 4 $RUN/train-lr$LR.log; done
@@ -164,7 +164,7 @@ if [ "$EVAL_PROMPTS" -gt 0 ]; then
   phase "offline acceptance: $EVAL_DATASETS first turns x $EVAL_PROMPTS, chain k=3, $EVAL_TOKENS new tokens"
   for LR in $LRS; do
     timeout ${EVAL_TIMEOUT:-120} $PY -m evaluation.offline --plain --target $TARGET \
-      --draft $RUN/train-lr$LR/export --out $RUN/eval-lr$LR --datasets $EVAL_DATASETS --num-prompts $EVAL_PROMPTS \
+      --draft $RUN/train-lr$LR/export --output $RUN/eval-lr$LR --datasets $EVAL_DATASETS --num-prompts $EVAL_PROMPTS \
       --turns first --num-speculative-tokens 3 --max-new-tokens $EVAL_TOKENS > $RUN/eval-lr$LR.log 2>&1 &
   done
   for j in $(jobs -p); do wait $j || true; done

@@ -127,7 +127,7 @@ def bench_config(shards: Path, out: Path, T: int, steps: int, device: str, ac: s
     from stage3_train.config import TrainConfig
 
     ac_value = {"auto": "auto", "on": True, "off": False}[ac]
-    fields = dict(data=str(shards), out=str(out), max_tokens=T, batch_rows=1, grad_accum=1, ttt_steps=ttt,
+    fields = dict(input=str(shards), output=str(out), max_tokens=T, batch_rows=1, grad_accum=1, ttt_steps=ttt,
                   steps=steps, warmup_steps=1, lr=1e-4, log_every=1, eval_every=0, ckpt_every=0,
                   val_fraction=0.0, export=False, activation_checkpointing=ac_value, device=device,
                   param_dtype="bfloat16" if device == "cuda" else "float32",

@@ -94,7 +94,7 @@ EOF
   # acceptance does not depend on the GPU's load, only the tokens/s would.
   for SET in greedy t07 original; do
     [ -f "$OUT/trio-$SET/export/config.json" ] && [ "${SERVE_TRIO:-1}" = 1 ] || continue
-    $PY -m evaluation.serve root=$ROOT bench.draft=$OUT/trio-$SET/export bench.out=$OUT/bench-trio-$SET \
+    $PY -m evaluation.serve root=$ROOT bench.draft=$OUT/trio-$SET/export bench.output=$OUT/bench-trio-$SET \
       bench.baseline=false bench.num_speculative_tokens=[3] bench.concurrency=[16] bench.num_prompts=${NUM_PROMPTS:-80} \
       bench.max_tokens=256 bench.gpu_memory_utilization=0.1 > "$OUT/bench-trio-$SET.log" 2>&1 &
   done
@@ -108,7 +108,7 @@ serve)
   # The speedup table for the whole-set draft: baseline + one server per k, started together, measured in turn.
   KS=${KS:-"3 1 2 4 5"}   # k=3 first: a run stopped early still has the baseline and k=3
   phase "bench-serve: ${SERVE_DRAFT:-full} draft, k in [$KS], concurrency [${CONCURRENCY:-1,2,4,8,16,32,64}]"
-  $PY -m evaluation.serve root=$ROOT bench.draft=$OUT/${SERVE_DRAFT:-full}/export bench.out=$OUT/bench-full \
+  $PY -m evaluation.serve root=$ROOT bench.draft=$OUT/${SERVE_DRAFT:-full}/export bench.output=$OUT/bench-full \
     bench.num_speculative_tokens=[${KS// /,}] bench.concurrency=[${CONCURRENCY:-1,2,4,8,16,32,64}] \
     bench.num_prompts=${NUM_PROMPTS:-80} bench.max_tokens=256 > "$OUT/bench-full.log" 2>&1 || tail -n 40 "$OUT/bench-full.log"
   cat "$OUT/bench-full/bench_serve.md" 2>/dev/null || true

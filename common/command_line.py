@@ -29,7 +29,13 @@ NOT_CHECKED = ("help", "hydra_help", "info", "shell_completion", "multirun", "co
 
 # settings renamed so that one idea has one name in every config (old key -> new key); the old key is refused
 RENAMED = {
-    "sample.output_dir": "sample.output",                    # the output folder: sample.output, hidden.output
+    # the input / output folders: sample.input -> sample.output -> hidden.input -> hidden.output -> train.input ...
+    "sample.output_dir": "sample.output",
+    "hidden.limit": "hidden.num_prompts",       # first N input records: as sample.num_prompts, eval's and bench's
+    "train.data": "train.input",
+    "train.out": "train.output",
+    "eval.out": "eval.output",
+    "bench.out": "bench.output",
     "eval.chain_k": "eval.num_speculative_tokens",           # draft tokens per step: bench.num_speculative_tokens
 }
 

@@ -210,7 +210,7 @@ def plain_or_hydra(argv: list[str] | None, config_cls: type, run: Callable[[Any]
                    section: str, prog: str) -> None:
     """Hydra entry (conf/<config_name>.yaml, `run(config_cls(**resolved[section]))`, the section's `advanced:`
     block folded in), or argparse with `--plain` or without Hydra installed (a flag for every field of the flat
-    dataclass). Both save the resolved config into `<out>/config.yaml`."""
+    dataclass). Both save the resolved config into `<output>/config.yaml`."""
     from common.advanced import merge_advanced
     from common.files import atomic_write_text
 
@@ -218,12 +218,12 @@ def plain_or_hydra(argv: list[str] | None, config_cls: type, run: Callable[[Any]
     if "--plain" in argv or not has_hydra():
         setup_logging()
         cfg = plain_config(config_cls, argv, prog, section)
-        atomic_write_text(Path(cfg.out) / "config.yaml", config_yaml({section: dataclasses.asdict(cfg)}))
+        atomic_write_text(Path(cfg.output) / "config.yaml", config_yaml({section: dataclasses.asdict(cfg)}))
         run(cfg)
         return
 
     def from_resolved(resolved: dict[str, Any]) -> None:
-        atomic_write_text(Path(resolved[section]["out"]) / "config.yaml", config_yaml(resolved))
+        atomic_write_text(Path(resolved[section]["output"]) / "config.yaml", config_yaml(resolved))
         run(config_cls(**merge_advanced(resolved[section], section)))
 
     sys.argv = [sys.argv[0], *argv]

@@ -12,7 +12,7 @@ output is the target's greedy output, and records per verification round the num
     acceptance at pos. i   = share of rounds with n >= i   (vLLM: accepted_per_pos[i-1] / drafts)
     histogram              = count of rounds per n = 0..k
 
-Writes ${eval.out}/acceptance.json (atomically, `complete: true` last) and acceptance.png, and prints a table.
+Writes ${eval.output}/acceptance.json (atomically, `complete: true` last) and acceptance.png, and prints a table.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ log = get_logger("eval")
 class EvalConfig:
     target: str = "data/models/SmolLM2-135M-Instruct"  # HF folder (or hub id) of the target
     draft: str = "data/train/smollm2-135m/export"      # export folder, or a step-N checkpoint / run folder
-    out: str = "data/eval/smollm2-135m"                 # acceptance.json + acceptance.png go here
+    output: str = "data/eval/smollm2-135m"              # acceptance.json + acceptance.png go here
     datasets: list[str] = field(default_factory=lambda: ["mtbench", "humaneval", "gsm8k"])  # or any stage-1 input
     num_prompts: int | None = None                      # first N prompts of every dataset (None = all)
     limits: dict[str, int] = field(default_factory=lambda: {"gsm8k": 200})  # per-dataset N (under num_prompts)
@@ -179,7 +179,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     target, tokenizer, drafter, eos_ids = load_models(cfg)
     report: dict[str, Any] = {"format": "eagle3-eval/1", "config": dataclasses.asdict(cfg),
                               "layer_ids": target.layer_ids, "results": {}}
-    out = Path(cfg.out)
+    out = Path(cfg.output)
     for dataset in cfg.datasets:
         prompts = load_prompts(dataset, cfg.limit_for(dataset), cfg.turns)
         name = Path(dataset).stem if Path(dataset).exists() else dataset

@@ -22,7 +22,7 @@ and around each pass scrapes `/metrics`; the counter deltas give (vLLM's own def
     acceptance at pos. i    = accepted_per_pos[i] / drafts (i = 0..k-1)
     draft acceptance rate   = accepted / draft_tokens
 
-Reports: ${bench.out}/bench_serve.json, bench_serve.md (per concurrency: both rates, speedup, acceptance length,
+Reports: ${bench.output}/bench_serve.json, bench_serve.md (per concurrency: both rates, speedup, acceptance length,
 TPOT, the k that serves fastest, and whether the greedy outputs of the two servers agree token for token), logs.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ServeBenchConfig:
     target: str = "data/models/SmolLM2-135M-Instruct"   # HF folder (or hub id) vLLM serves
     served_name: str = "smollm2-135m"                    # --served-model-name
     draft: str = "data/train/smollm2-135m/export"       # EAGLE-3 export folder
-    out: str = "data/bench/smollm2-135m"                 # reports and server logs
+    output: str = "data/bench/smollm2-135m"              # reports and server logs
     num_speculative_tokens: list[int] = field(default_factory=lambda: [3])  # k values, one server each
     prompts: str = "mtbench"                             # prompt set (prompts.load_prompts): first user turns
     num_prompts: int | None = None                       # first N prompts (None = all; MT-bench: 80)
@@ -199,7 +199,7 @@ def bench_server(url: str, cfg: ServeBenchConfig, conversations: list[list[dict]
         before, _ = scrape(url)
         sent = asyncio.run(_send_all(url, cfg, conversations, int(c)))
         after, text = scrape(url)
-        atomic_write_text(Path(cfg.out) / f"metrics-{name}.txt", text)   # the last raw /metrics, for inspection
+        atomic_write_text(Path(cfg.output) / f"metrics-{name}.txt", text)   # the last raw /metrics, for inspection
         tokens, wall = sent["tokens"], sent["wall"]
         entry: dict[str, Any] = {"requests": len(conversations), "output_tokens": tokens, "wall_s": round(wall, 3),
                                  "output_tokens_per_s": round(tokens / wall, 2),
@@ -242,7 +242,7 @@ def server_commands(cfg: ServeBenchConfig, together: bool, gpu: bool | None = No
 
 
 def _server(cfg: ServeBenchConfig, name: str, port: int, cmd: list[str]) -> VLLMServer:
-    return VLLMServer(cmd, port=port, env=cfg.env, log_file=Path(cfg.out) / f"server-{name}.log",
+    return VLLMServer(cmd, port=port, env=cfg.env, log_file=Path(cfg.output) / f"server-{name}.log",
                       startup_timeout=cfg.startup_timeout)
 
 
@@ -268,7 +268,7 @@ def run_servers(cfg: ServeBenchConfig, conversations: list[list[dict]], save: Ca
             if name in running:
                 passes = bench_server(running[name].url, cfg, conversations, name, k)
             else:
-                log.info(f"starting the {name} server (log: {Path(cfg.out) / f'server-{name}.log'})")
+                log.info(f"starting the {name} server (log: {Path(cfg.output) / f'server-{name}.log'})")
                 with _server(cfg, name, port, cmd) as server:
                     passes = bench_server(server.url, cfg, conversations, name, k)
             results[name] = {"command": cmd, "passes": passes}
@@ -330,7 +330,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     install_signal_handlers()
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, turns="first")
     conversations = [messages_for(p, []) for p in prompts]
-    out = Path(cfg.out)
+    out = Path(cfg.output)
     report: dict[str, Any] = {"format": "eagle3-bench-serve/2", "config": dataclasses.asdict(cfg),
                               "prompts": [p.id for p in prompts], "results": {}}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import time
@@ -21,8 +22,9 @@ import yaml
 from common.entry import config_yaml, hydra_entry
 from common.files import atomic_write_text
 from common.logs import get_logger
-from common.server import (ENGINE_NAMES, free_port, install_signal_handlers, launch, parses_tool_calls,
-                           request_model_name, returns_token_ids, sampling_fields, server_command, stop_servers)
+from common.server import (ENGINE_NAMES, cuda_available, free_port, install_signal_handlers, launch,
+                           parses_tool_calls, request_model_name, returns_token_ids, sampling_fields, server_command,
+                           stop_servers)
 from common.target import TargetSpec
 from evaluation.holdout import drop_evaluation_prompts
 
@@ -78,9 +80,17 @@ def input_records(cfg: SampleConfig) -> Iterator[Conversation | Skipped] | None:
     return itertools.chain([next(filtered)], filtered)
 
 
+def with_concurrency(cfg: SampleConfig) -> SampleConfig:
+    """``cfg`` with ``sample.concurrency`` set: as configured, or (null) ``SampleConfig.default_concurrency`` for
+    the servers this run talks to (launched here or not; on a CUDA GPU or not)."""
+    launches = bool(cfg.server.launch and not cfg.server.urls)
+    gpu = launches and cfg.concurrency is None and cuda_available()
+    return dataclasses.replace(cfg, concurrency=cfg.default_concurrency(launches, gpu))
+
+
 def run_stage1(resolved: dict[str, Any]) -> dict[str, Any]:
     """Run stage 1 from a resolved config dict; returns the manifest."""
-    cfg = SampleConfig.from_omegaconf(resolved["sample"])
+    cfg = with_concurrency(SampleConfig.from_omegaconf(resolved["sample"]))
     target = TargetSpec.from_mapping(resolved["target"])
     out_dir = Path(cfg.output)
     if cfg.resume:

@@ -12,6 +12,14 @@ from typing import Any
 from common.advanced import merge_advanced
 
 FORMATS = ("jsonl", "parquet")
+# sample.concurrency=null (SampleConfig.default_concurrency): a CPU server saturates early, 8 in flight (the old
+# fixed default; benchmarks/RESULTS.md, "Stage 1": 32 already fill 2 cores, 156 vs 251 tokens/s); a launched vLLM
+# on a GPU decodes hundreds of sequences at once: 256 per server (benchmarks/served_speedup_gpu.sh's setting);
+# `transformers serve` on a GPU slows down past ~32 requests per server (docs/stage1.md: its dense paged|sdpa
+# mask); servers this run did not start (sample.server.urls) are of unknown size and number: 64 in all
+CONCURRENCY_CPU = 8
+CONCURRENCY_GPU = {"vllm": 256, "transformers": 32}
+CONCURRENCY_URLS = 64
 ENGINES = ("vllm", "transformers")  # = common.server.ENGINES (not imported: that pulls in httpx)
 
 
@@ -74,7 +82,7 @@ class SampleConfig:
     output: str = "data/sample/smollm2-135m"  # where shards, manifest.json and config.yaml go
     format: str = "jsonl"               # shard format: jsonl | parquet
     rows_per_shard: int = 1000          # (advanced) conversations per shard
-    concurrency: int = 8                # conversations in flight at once
+    concurrency: int | None = None      # conversations in flight at once; None = default_concurrency()
     temperature: float = 0.7            # sampling temperature (0 = greedy)
     top_p: float = 1.0                  # nucleus sampling
     max_tokens: int = 2048              # new tokens per assistant turn
@@ -102,9 +110,10 @@ class SampleConfig:
             raise ValueError(f"sample.num_prompts must be >= 1 or null, got {self.num_prompts}")
         if self.max_conversation_tokens is not None and self.max_conversation_tokens < 1:
             raise ValueError(f"sample.max_conversation_tokens must be >= 1 or null, got {self.max_conversation_tokens}")
-        for name in ("concurrency", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"sample.concurrency must be >= 1 or null, got {self.concurrency}")
+        if self.max_tokens < 1:
+            raise ValueError(f"sample.max_tokens must be >= 1, got {self.max_tokens}")
         if self.rows_per_shard < 1:
             raise ValueError(f"sample.advanced.rows_per_shard must be >= 1, got {self.rows_per_shard}")
         if self.temperature < 0:
@@ -145,6 +154,19 @@ class SampleConfig:
             "seed": self.seed,
             "chat_template_kwargs": dict(self.chat_template_kwargs),
         }
+
+    def default_concurrency(self, launched: bool, gpu: bool) -> int:
+        """Conversations in flight when ``sample.concurrency`` is null: 8 against a CPU server; 256 per launched
+        vLLM server on a GPU (32 per ``transformers serve``), times ``sample.server.replicas``; 64 against
+        ``sample.server.urls`` (servers this run did not start; their size is unknown). ``launched``: this run starts
+        the servers; ``gpu``: it starts them on a CUDA GPU (``common.server.cuda_available()``)."""
+        if self.concurrency is not None:
+            return self.concurrency
+        if not launched:
+            return CONCURRENCY_URLS
+        if not gpu:
+            return CONCURRENCY_CPU
+        return CONCURRENCY_GPU[self.server.engine] * self.server.replicas
 
     def vllm_gpu_settings(self) -> dict[str, Any]:
         """vLLM's GPU flags for each launched server (``common.server.vllm_command``): replicas split the card."""

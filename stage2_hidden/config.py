@@ -30,7 +30,7 @@ class HiddenConfig:
     device: str = "auto"
     device_map: str | None = None
     lm_head_chunk: int = 4096
-    limit: int | None = None
+    num_prompts: int | None = None  # first N input conversations (as sample.num_prompts); None = all
     writer_queue: int = 2
     writer_threads: int = 2
     allow_empty: bool = False  # an input that yields no rows is an error (stage 3 would have nothing to train on)
@@ -46,7 +46,7 @@ class HiddenConfig:
                 raise ValueError(f"{setting(name)} must be >= 1")
         if self.rows_per_shard is None and self.shard_bytes is None:
             raise ValueError("set hidden.rows_per_shard or hidden.advanced.shard_bytes (or both)")
-        for name in ("rows_per_shard", "shard_bytes", "max_length", "limit"):
+        for name in ("rows_per_shard", "shard_bytes", "max_length", "num_prompts"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{setting(name)} must be >= 1 or null")

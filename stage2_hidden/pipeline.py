@@ -55,7 +55,7 @@ def iter_rendered(hcfg: HiddenConfig, renderer: ChatRenderer, max_length: int, s
     from stage1_sample.formats import Skipped, load_conversations
 
     if conversations is None:
-        conversations = load_conversations(hcfg.input, limit=hcfg.limit)
+        conversations = load_conversations(hcfg.input, limit=hcfg.num_prompts)
     for item in drop_evaluation_prompts(conversations) if hcfg.drop_eval_prompts else conversations:
         stats.input += 1
         if isinstance(item, Skipped):
@@ -235,7 +235,7 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
 
     t0 = time.time()
     # the input is opened before anything is written: a missing or unfinished one fails with no output folder made
-    conversations = open_conversations(hcfg.input, limit=hcfg.limit)
+    conversations = open_conversations(hcfg.input, limit=hcfg.num_prompts)
     if conversations is None and not hcfg.allow_empty:
         raise ValueError(_empty_message(hcfg, RenderStats()))
     rank, world = world_info.rank, world_info.world_size
@@ -258,7 +258,7 @@ def _run(target: TargetSpec, hcfg: HiddenConfig, world_info: World) -> dict | No
         "input": str(hcfg.input),
     }
     identity = {**fields, "rows_per_shard": hcfg.rows_per_shard, "shard_bytes": hcfg.shard_bytes,
-                "batch_tokens": hcfg.batch_tokens, "on_too_long": hcfg.on_too_long, "limit": hcfg.limit,
+                "batch_tokens": hcfg.batch_tokens, "on_too_long": hcfg.on_too_long, "num_prompts": hcfg.num_prompts,
                 "drop_eval_prompts": hcfg.drop_eval_prompts}  # which rows the shards hold
     _check_identity(out_dir, identity, rank)
 
@@ -280,8 +280,8 @@ def _empty_message(hcfg: HiddenConfig, stats: RenderStats) -> str:
     why = ("it has no conversations" if stats.input == 0 else
            f"all {stats.input} of its conversations were skipped ({stats.skipped})")
     return (f"stage 2 found nothing to write: hidden.input={hcfg.input}: {why}, so stage 3 would have nothing to "
-            "train on. Check the input (did stage 1 write any conversations? is hidden.limit or hidden.max_length "
-            "too small?), or set hidden.allow_empty=true to write an empty shard set anyway")
+            "train on. Check the input (did stage 1 write any conversations? is hidden.num_prompts or "
+            "hidden.max_length too small?), or set hidden.allow_empty=true to write an empty shard set anyway")
 
 
 def _capture_all(plan, target, hcfg, fields, out_dir, world_info: World) -> tuple[int, int]:

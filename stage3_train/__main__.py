@@ -1,7 +1,7 @@
 """Stage 3 entry point: `python -m stage3_train [hydra overrides]` (`make train ARGS="..."`), or under torchrun.
 
 Composes conf/train.yaml (presets: `+preset=NAME`, conf/preset/NAME.yaml, under the command-line overrides), writes
-the resolved config to ${train.out}/config.yaml (rank 0), and runs the loop (train.py).
+the resolved config to ${train.output}/config.yaml (rank 0), and runs the loop (train.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _main(resolved: dict[str, Any]) -> None:
 
     train_cfg = TrainConfig.from_dict(resolved["train"])
     if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(Path(train_cfg.out) / "config.yaml", config_yaml(resolved))
+        atomic_write_text(Path(train_cfg.output) / "config.yaml", config_yaml(resolved))
     result = run(train_cfg, resolved["target"])
     log.info(f"done: step {result['step']}, run folder {result['out']}, export {result['export']}")
 

@@ -158,7 +158,7 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
             f"{folder} has no {WEIGHTS_FILE} (a checkpoint written before checkpoints carried one). Export and "
             f"evaluation read weights only from safetensors, never from DCP files (unpickling runs code). If it is "
             f"your own run's latest checkpoint, resume that run with its settings and train.steps=<its step> "
-            f"(train.out=RUN train.resume=true): the trainer loads it and writes RUN/export, which loads anywhere")
+            f"(train.output=RUN train.resume=true): the trainer loads it and writes RUN/export, which loads anywhere")
     return load_file(str(path))
 
 

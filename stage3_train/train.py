@@ -51,8 +51,8 @@ def build_model(cfg: TrainConfig, ds, target_cfg: dict[str, Any], target_dir: Pa
     from stage3_train.model import DraftConfig, Eagle3Draft
     from stage3_train.target_embeddings import load_target_embeddings
 
-    layer_ids = check_manifest(ds.manifest, target_cfg, cfg.layer_ids, cfg.data)
-    d2t, t2d = load_vocab(cfg.data)
+    layer_ids = check_manifest(ds.manifest, target_cfg, cfg.layer_ids, cfg.input)
+    d2t, t2d = load_vocab(cfg.input)
     overrides = {"num_aux_layers": len(layer_ids), "target_hidden_size": int(ds.manifest["hidden_size"]),
                  **cfg.draft_overrides}
     draft_cfg = DraftConfig.from_target_config(target_cfg, len(d2t), **overrides)
@@ -182,9 +182,9 @@ class Trainer:
         # FSDP2's warning about in-place ops on views does not apply.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         self.cfg, self.d = cfg, d
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.output)
         self.ckpt_root = self.out / "checkpoints"
-        self.ds = open_shards(cfg.data, cfg.verify_shards)
+        self.ds = open_shards(cfg.input, cfg.verify_shards)
         cfg = self.cfg = self._with_row_length(cfg)
         self.target_dir, target_cfg = load_config_json(target["path"])
         self.model, self.draft_cfg, self.layer_ids = build_model(cfg, self.ds, target_cfg, self.target_dir,
@@ -219,7 +219,7 @@ class Trainer:
         """`train.max_tokens`, or the length stage 2 cut the conversations to (its manifest)."""
         resolved = cfg.with_row_length(self.ds.manifest)
         if cfg.max_tokens is None:
-            self.log(f"train.max_tokens=null: rows of {resolved.max_tokens} tokens (max_length of {cfg.data})")
+            self.log(f"train.max_tokens=null: rows of {resolved.max_tokens} tokens (max_length of {cfg.input})")
         return resolved
 
     def _with_step_count(self, cfg: TrainConfig) -> TrainConfig:
@@ -237,7 +237,7 @@ class Trainer:
             return 0
         if not self.cfg.resume:
             raise ValueError(f"{self.ckpt_root} already holds checkpoints (latest {found.name}); set "
-                             f"train.resume=true to continue that run, or choose another train.out")
+                             f"train.resume=true to continue that run, or choose another train.output")
         state = checkpoint.load(found, self.model, self.optimizer, root=self.ckpt_root)  # own run folder only
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])

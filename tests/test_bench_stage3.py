@@ -33,7 +33,7 @@ def test_benchmark_step_is_the_trainers_step(tmp_path):
     assert row["tokens"] == 64 and ours["tokens_per_s"] > 0 and ours["activation_checkpointing"] is False
     assert "needs CUDA" in row["specforge"]["skipped"] and "ratio" not in row
     # the same shards and TrainConfig through the product's entry point: the same two losses, step by step
-    cfg = {**ours["config"], "out": str(tmp_path / "run")}
+    cfg = {**ours["config"], "output": str(tmp_path / "run")}
     run(TrainConfig.from_dict(cfg), {"path": str(out / "work" / "tiny" / "target")})
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     logged = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]

@@ -57,7 +57,7 @@ def _tiny_draft_state(target_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _small_cfg(shards: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(shards), out=str(out), max_tokens=64, pad_multiple=16, ttt_steps=2, steps=2, lr=3e-3,
+    base = dict(input=str(shards), output=str(out), max_tokens=64, pad_multiple=16, ttt_steps=2, steps=2, lr=3e-3,
                 warmup_steps=1, log_every=1, eval_every=0, ckpt_every=1, keep_ckpts=5, param_dtype="float32",
                 val_fraction=0.1, export=False)
     return TrainConfig(**{**base, **kw})

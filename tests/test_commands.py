@@ -125,19 +125,19 @@ def test_a_mistyped_key_names_the_closest_known_one(override, closest, tmp_path)
 
 
 def test_stage3_names_a_shard_folder_that_does_not_exist(tmp_path):
-    done = run_entry("stage3_train", "train.data=nowhere/hidden", "train.out=runs/train", cwd=tmp_path)
+    done = run_entry("stage3_train", "train.input=nowhere/hidden", "train.output=runs/train", cwd=tmp_path)
     line = one_error_line(done, "stage3_train")
     assert "nowhere/hidden: no such folder of stage-2 shards" in line and "did not finish" not in line
     assert "make hidden" in line and "HYDRA_FULL_ERROR=1" in line
     assert list(tmp_path.iterdir()) == []  # runs/train (with Hydra's train.log and config.yaml) is gone, runs/ too
 
-    full = run_entry("stage3_train", "train.data=nowhere/hidden", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    full = run_entry("stage3_train", "train.input=nowhere/hidden", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "InputFileError" in full.stderr
 
 
 def test_stage3_on_a_folder_without_manifest_says_stage2_did_not_finish(tmp_path):
     (tmp_path / "hidden").mkdir()
-    done = run_entry("stage3_train", "train.data=hidden", "train.out=run", cwd=tmp_path)
+    done = run_entry("stage3_train", "train.input=hidden", "train.output=run", cwd=tmp_path)
     line = one_error_line(done, "stage3_train")
     assert "hidden/manifest.json: missing: stage 2 did not finish; re-run the same `make hidden`" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden"]
@@ -221,6 +221,11 @@ def test_a_failed_run_removes_only_the_folders_it_made_for_nothing(tmp_path):
 @pytest.mark.parametrize("command, override, new", [
     ("stage1_sample", "sample.output_dir=out", "sample.output"),
     ("stage1_sample", "+sample.output_dir=out", "sample.output"),               # added, not overridden: refused too
+    ("stage2_hidden", "hidden.limit=10", "hidden.num_prompts"),
+    ("stage3_train", "train.data=hidden", "train.input"),
+    ("stage3_train", "train.out=run", "train.output"),
+    ("evaluation.offline", "eval.out=report", "eval.output"),
+    ("evaluation.serve", "bench.out=report", "bench.output"),
     ("stage1_sample", "sample.rows_per_shard=5", "sample.advanced.rows_per_shard"),
     ("stage1_sample", "sample.server.cb_num_blocks=64", "sample.advanced.server.cb_num_blocks"),
     ("stage2_hidden", "hidden.writer_threads=4", "hidden.advanced.writer_threads"),
@@ -250,9 +255,14 @@ def test_a_preset_with_an_old_name_is_refused(tmp_path):
     assert "sample.output_dir is now sample.output" in one_error_line(done, "stage1_sample")
 
 
-def test_the_plain_entry_refuses_a_renamed_flag(tmp_path):
-    done = run_entry("evaluation.offline", "--plain", "--chain-k", "3", cwd=tmp_path)
-    assert done.returncode == 2 and "--chain-k is now --num-speculative-tokens" in done.stderr
+@pytest.mark.parametrize("command, flag, new", [
+    ("evaluation.offline", "--chain-k", "--num-speculative-tokens"),
+    ("evaluation.offline", "--out", "--output"),
+    ("evaluation.serve", "--out", "--output"),
+])
+def test_the_plain_entry_refuses_a_renamed_flag(command, flag, new, tmp_path):
+    done = run_entry(command, "--plain", flag, "3", cwd=tmp_path)
+    assert done.returncode == 2 and f"{flag} is now {new}" in done.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -260,7 +270,8 @@ def test_every_renamed_key_has_its_new_name_in_the_configs():
     from common.command_line import RENAMED, compose, dotted_keys
 
     for old, new in RENAMED.items():
-        config = {"sample": "sample", "eval": "eval"}[old.split(".")[0]]
+        config = {"sample": "sample", "hidden": "hidden", "train": "train", "eval": "eval",
+                  "bench": "bench_serve"}[old.split(".")[0]]
         keys = dotted_keys(compose(REPO / "conf", config, []))
         assert new in keys and old not in keys
 

@@ -170,8 +170,9 @@ def test_init_from_refuses_before_training(tmp_path, tiny_stage3):
     target_dir, shards = tiny_stage3
     cfg = {"architectures": ["LlamaForCausalLMEagle3"], **_llama_fields(48), "vocab_size": V + 4}
     folder = _write(tmp_path / "pub", cfg, _tensors(_draft(48, seed=0), vocab=("d2t",)))
-    train_cfg = TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_tokens=64, pad_multiple=16, ttt_steps=1,
-                            steps=1, eval_every=0, ckpt_every=0, param_dtype="float32", init_from=str(folder))
+    train_cfg = TrainConfig(input=str(shards), output=str(tmp_path / "run"), max_tokens=64, pad_multiple=16,
+                            ttt_steps=1, steps=1, eval_every=0, ckpt_every=0, param_dtype="float32",
+                            init_from=str(folder))
     with pytest.raises(ValueError, match="vocab_size 100 != the target's 96"):
         run(train_cfg, {"path": str(target_dir)})
     assert not (tmp_path / "run/metrics.jsonl").exists() or not (tmp_path / "run/metrics.jsonl").read_text()

@@ -40,7 +40,7 @@ def test_trained_draft_is_accepted_by_the_vllm_cpu_server(tmp_path, smollm2_dir,
 
     t0 = time.time()
     # Short rows, 3 TTT steps (the k served below), no activation checkpointing (CPU time, not memory, is short).
-    cfg = TrainConfig(data=str(smollm2_sharegpt_shards), out=str(tmp_path / "run"), max_tokens=256, pad_multiple=64,
+    cfg = TrainConfig(input=str(smollm2_sharegpt_shards), output=str(tmp_path / "run"), max_tokens=256, pad_multiple=64,
                       ttt_steps=3, steps=300, lr=2e-3, warmup_steps=20, log_every=50, eval_every=0, ckpt_every=0,
                       param_dtype="float32", val_fraction=0.05, activation_checkpointing=False, device="cpu")
     result = train(cfg, {"path": str(smollm2_dir), "name": "smollm2-135m"})

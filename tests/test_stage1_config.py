@@ -48,6 +48,30 @@ def test_bad_values_are_value_errors(override, match):
         SampleConfig.from_omegaconf(_compose(override).sample)
 
 
+@pytest.mark.parametrize("overrides, launched, gpu, expected", [
+    ((), True, False, 8),                                                     # a launched CPU server
+    (("sample.server.replicas=2",), True, True, 512),                         # 2 launched vLLM servers on a GPU
+    (("sample.server.engine=transformers", "sample.server.replicas=8"), True, True, 256),  # 8 x 32
+    (("sample.server.urls=[http://127.0.0.1:8000]",), False, True, 64),       # servers this run did not start
+    (("sample.concurrency=12", "sample.server.replicas=2"), True, True, 12),  # set: kept
+])
+def test_concurrency_default_follows_the_servers(overrides, launched, gpu, expected):
+    sample = SampleConfig.from_omegaconf(_compose(*overrides).sample)
+    assert sample.default_concurrency(launched, gpu) == expected
+
+
+def test_stage1_resolves_the_concurrency_from_where_its_servers_run(monkeypatch):
+    import stage1_sample.__main__ as stage1
+
+    monkeypatch.setattr(stage1, "cuda_available", lambda: False)
+    assert stage1.with_concurrency(SampleConfig.from_omegaconf(_compose().sample)).concurrency == 8
+    monkeypatch.setattr(stage1, "cuda_available", lambda: True)
+    two = SampleConfig.from_omegaconf(_compose("sample.server.replicas=2").sample)
+    assert stage1.with_concurrency(two).concurrency == 512
+    urls = SampleConfig.from_omegaconf(_compose("sample.server.urls=[http://127.0.0.1:8000]").sample)
+    assert stage1.with_concurrency(urls).concurrency == 64
+
+
 def test_vllm_command_cpu_and_gpu():
     cpu = vllm_command("/m", "name", 8001, gpu=False, extra_args=["--enforce-eager"])
     assert cpu[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"] and cpu[4] == "/m"

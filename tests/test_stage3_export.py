@@ -102,7 +102,7 @@ def test_export_cli_from_a_checkpoint_and_bad_folders(tmp_path, tiny_stage3):
     from stage3_train.train import run
 
     target_dir, shards = tiny_stage3
-    cfg = TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_tokens=64, pad_multiple=16, ttt_steps=2,
+    cfg = TrainConfig(input=str(shards), output=str(tmp_path / "run"), max_tokens=64, pad_multiple=16, ttt_steps=2,
                       steps=2, log_every=1, eval_every=0, ckpt_every=0, param_dtype="float32", export=True)
     run(cfg, {"path": str(target_dir)})
     main([str(tmp_path / "run"), str(tmp_path / "cli")])  # run folder -> its latest checkpoint

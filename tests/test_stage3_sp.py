@@ -207,11 +207,11 @@ def test_training_with_sequence_parallel_matches_one_process(tmp_path, tiny_stag
     from stage3_train.train import run
 
     target, shards = tiny_stage3
-    base = dict(data=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=3, lr=3e-3, warmup_steps=1,
+    base = dict(input=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=3, lr=3e-3, warmup_steps=1,
                 log_every=1, eval_every=3, ckpt_every=0, param_dtype="float32", val_fraction=0.1, export=False,
                 device="cpu")
-    run(TrainConfig(**base, out=str(tmp_path / "one"), grad_accum=world // sp), {"path": str(target)})
-    two = TrainConfig(**base, out=str(tmp_path / "sp2"), grad_accum=1, sequence_parallel=sp).to_dict()
+    run(TrainConfig(**base, output=str(tmp_path / "one"), grad_accum=world // sp), {"path": str(target)})
+    two = TrainConfig(**base, output=str(tmp_path / "sp2"), grad_accum=1, sequence_parallel=sp).to_dict()
     _spawn(_train_worker, world, two, {"path": str(target)})
     a, b = _records(tmp_path / "one"), _records(tmp_path / "sp2")
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def small_cfg(shards: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(shards), out=str(out), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=6, lr=3e-3,
+    base = dict(input=str(shards), output=str(out), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=6, lr=3e-3,
                 warmup_steps=2, log_every=1, eval_every=0, ckpt_every=3, keep_ckpts=5, param_dtype="float32",
                 val_fraction=0.1, export=False)
     return TrainConfig(**{**base, **kw})

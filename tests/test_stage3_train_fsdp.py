@@ -35,13 +35,13 @@ def _records(out: Path) -> list[dict]:
                          [("float32", 1e-5), pytest.param("bfloat16", 2e-2, marks=pytest.mark.slow)])
 def test_two_processes_match_one(tmp_path, tiny_stage3, param_dtype, rtol):
     target, shards = tiny_stage3
-    base = dict(data=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=4, lr=3e-3, warmup_steps=1,
+    base = dict(input=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=3, steps=4, lr=3e-3, warmup_steps=1,
                 log_every=1, eval_every=2, ckpt_every=0, param_dtype=param_dtype, val_fraction=0.1, export=False,
                 device="cpu")
     # the same global batch of 2 packed rows per step: 1 process x 2 micro-batches, or 2 processes x 1
-    one = TrainConfig(**base, out=str(tmp_path / "one"), grad_accum=2)
+    one = TrainConfig(**base, output=str(tmp_path / "one"), grad_accum=2)
     run(one, {"path": str(target)})
-    two = TrainConfig(**base, out=str(tmp_path / "two"), grad_accum=1).to_dict()
+    two = TrainConfig(**base, output=str(tmp_path / "two"), grad_accum=1).to_dict()
     mp.spawn(_worker, args=(2, _free_port(), two, {"path": str(target)}), nprocs=2, join=True)
     a, b = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
@@ -65,11 +65,11 @@ def test_cpu_offload_trains_the_same_steps(tmp_path, tiny_stage3):
     """train.cpu_offload=true (FSDP2 CPUOffloadPolicy, the non-fused AdamW) gives the same losses as without, and
     its checkpoint holds the same weights."""
     target, shards = tiny_stage3
-    base = dict(data=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=2, steps=3, lr=3e-3, warmup_steps=1,
+    base = dict(input=str(shards), max_tokens=64, pad_multiple=16, ttt_steps=2, steps=3, lr=3e-3, warmup_steps=1,
                 log_every=1, eval_every=0, ckpt_every=0, param_dtype="float32", val_fraction=0.0, export=False,
                 device="cpu")
-    run(TrainConfig(**base, out=str(tmp_path / "plain")), {"path": str(target)})
-    run(TrainConfig(**base, out=str(tmp_path / "offload"), cpu_offload=True), {"path": str(target)})
+    run(TrainConfig(**base, output=str(tmp_path / "plain")), {"path": str(target)})
+    run(TrainConfig(**base, output=str(tmp_path / "offload"), cpu_offload=True), {"path": str(target)})
     a, b = _records(tmp_path / "plain"), _records(tmp_path / "offload")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6) and len(a) == 3
     from safetensors.torch import load_file

@@ -20,15 +20,16 @@ def smollm2_shards(smollm2_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("smollm2_shards")
     target = TargetConfig(name="smollm2-135m", path=str(smollm2_dir), dtype="float32")
-    hidden = HiddenConfig(input="wheel:sharegpt", output=str(out), limit=40, max_length=256, on_too_long="truncate",
-                          batch_tokens=2048, rows_per_shard=16, draft_vocab_size=2048, device="cpu")
+    hidden = HiddenConfig(input="wheel:sharegpt", output=str(out), num_prompts=40, max_length=256,
+                          on_too_long="truncate", batch_tokens=2048, rows_per_shard=16, draft_vocab_size=2048,
+                          device="cpu")
     capture(target, hidden)
     return out
 
 
 @pytest.mark.slow
 def test_short_smollm2_run_learns(tmp_path, smollm2_dir, smollm2_shards):
-    cfg = TrainConfig(data=str(smollm2_shards), out=str(tmp_path / "run"), max_tokens=512, pad_multiple=64,
+    cfg = TrainConfig(input=str(smollm2_shards), output=str(tmp_path / "run"), max_tokens=512, pad_multiple=64,
                       ttt_steps=2, steps=40, lr=2e-3, warmup_steps=4, log_every=4, eval_every=20, ckpt_every=20,
                       param_dtype="float32", val_fraction=0.1, activation_checkpointing=True)
     result = run(cfg, {"path": str(smollm2_dir), "name": "smollm2-135m"})
