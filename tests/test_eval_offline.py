@@ -92,7 +92,7 @@ def test_wrong_draft_accepts_nothing(smollm2_eval):
 @pytest.mark.slow
 def test_run_writes_json_and_png(smollm2_dir, random_smollm2_export, tmp_path):
     cfg = _plain_args(["--plain", "--target", str(smollm2_dir), "--draft", str(random_smollm2_export),
-                       "--out", str(tmp_path / "eval"), "--datasets", "gsm8k", "--num-prompts", "1",
+                       "--output", str(tmp_path / "eval"), "--datasets", "gsm8k", "--num-prompts", "1",
                        "--max-new-tokens", "8", "--num-speculative-tokens", "2", "--tree-depth", "2",
                        "--tree-topk", "2", "--tree-nodes", "4", "--device", "cpu"])
     report = run(cfg)

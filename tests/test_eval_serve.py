@@ -121,7 +121,7 @@ def test_bench_serve_on_the_real_vllm_cpu_server(smollm2_dir, random_smollm2_exp
     counters parse and agree, and the table has a row per concurrency."""
     out = tmp_path / "bench"
     cfg = _plain_args(["--plain", "--target", str(smollm2_dir), "--served-name", "smollm2-135m",
-                       "--draft", str(random_smollm2_export), "--out", str(out), "--num-prompts", "4",
+                       "--draft", str(random_smollm2_export), "--output", str(out), "--num-prompts", "4",
                        "--max-tokens", "16", "--concurrency", "1", "2", "--baseline", "false",
                        "--num-speculative-tokens", "3", "--warmup-requests", "1"])
     report = run(cfg)

@@ -50,7 +50,7 @@ def test_trained_draft_is_accepted_by_the_vllm_cpu_server(tmp_path, smollm2_dir,
 
     out = tmp_path / "bench"
     bench_cfg = plain_args(["--plain", "--target", str(smollm2_dir), "--served-name", "smollm2-135m",
-                            "--draft", str(export), "--out", str(out), "--num-prompts", "8", "--max-tokens", "64",
+                            "--draft", str(export), "--output", str(out), "--num-prompts", "8", "--max-tokens", "64",
                             "--concurrency", "4", "--baseline", "false", "--num-speculative-tokens", "3",
                             "--warmup-requests", "1"])
     # --enforce-eager: no torch.compile at start-up (minutes saved on a 2-core CPU; acceptance does not change)
