@@ -1,5 +1,6 @@
 """scripts/engine_site.py's offline parts: target tags, the present list, and the selection over pip's resolution
-(present packages and drops stop the walk, what only a drop needs goes with it, markers and extras as pip reads them)."""
+(present packages and drops stop the walk, what only a drop needs goes with it, markers and extras as pip reads
+them)."""
 from __future__ import annotations
 
 import importlib.util
