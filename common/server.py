@@ -370,7 +370,7 @@ class ServerProcess:
 
 
 class VLLMServer(ServerProcess):
-    """``ServerProcess`` named "vLLM" (kept for its callers: evaluation/serve.py, tests)."""
+    """``ServerProcess`` named "vLLM" (kept for its callers: tests; evaluation/serve.py names servers per engine)."""
 
     def __init__(self, cmd: list[str], **kwargs: Any):
         kwargs.setdefault("name", "vLLM")

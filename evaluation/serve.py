@@ -1,14 +1,21 @@
-"""Serving benchmark (`make bench-serve`): the same vLLM target without and with the EAGLE-3 draft.
+"""Serving benchmark (`make bench-serve`): the same target without and with the EAGLE-3 draft, in vLLM or SGLang.
 
     python -m evaluation.serve bench.draft=data/train/smollm2-135m/export        (hydra, conf/bench_serve.yaml)
     python -m evaluation.serve bench.concurrency=[1,2,4,8,16,32,64] bench.num_speculative_tokens=[1,2,3,4,5]
+    python -m evaluation.serve bench.engine=sglang bench.num_speculative_tokens=[3]          (SGLang, chain of 3)
+    python -m evaluation.serve bench.engine=sglang bench.num_speculative_tokens=[] \
+        'bench.sglang_tree=[{num_steps: 5, eagle_topk: 4, num_draft_tokens: 8}]'           (SGLang, a tree)
     python -m evaluation.serve --plain --target PATH --draft PATH ...            (argparse: no hydra)
 
-Servers: a baseline (no speculation) and one per k in ``bench.num_speculative_tokens`` (``--speculative-config
-{"method": "eagle3", "model": DRAFT, "num_speculative_tokens": k}``), started with stage 1's launcher on 127.0.0.1
-and stopped afterwards. On a GPU they start together, each with its share of the card (their compilations
-overlap: one start-up's wait instead of 1 + len(k)), and are measured one after another, so an idle server is all
-that runs beside the one being timed; on a CPU they start one at a time (each takes ~3 GB of host memory).
+Servers (`bench.engine`, evaluation/engines.py has what differs per engine): a baseline (no speculation) and one per
+k in ``bench.num_speculative_tokens``: vLLM ``--speculative-config {"method": "eagle3", "model": DRAFT,
+"num_speculative_tokens": k}``, SGLang ``--speculative-algorithm EAGLE3 --speculative-num-steps k
+--speculative-eagle-topk 1 --speculative-num-draft-tokens k+1`` (its count includes the root token), plus for SGLang
+one per tree in ``bench.sglang_tree``. They are started with stage 1's launcher on 127.0.0.1 and stopped
+afterwards. vLLM on a GPU: they start together, each with its share of the card (their compilations overlap: one
+start-up's wait instead of 1 + len(k)), and are measured one after another, so an idle server is all that runs
+beside the one being timed; on a CPU they start one at a time (each takes ~3 GB of host memory). SGLang: always one
+at a time (it keeps a fraction of the memory free at its start for itself, so servers cannot split a card).
 
 For each server and concurrency c it sends the same prompts (MT-bench first turns by default, temperature 0) with c
 requests in flight and measures
@@ -16,53 +23,48 @@ requests in flight and measures
     output tokens/s         = sum of completion tokens / wall time of the pass
     time per output token   = mean over requests of (request latency / its completion tokens)  [TPOT, ms]
 
-and around each pass scrapes `/metrics`; the counter deltas give (vLLM's own definitions):
+and, from the engine's own counters for exactly that pass (vLLM: /metrics counter deltas; SGLang: the requests'
+spec_verify_ct / spec_num_correct_drafts, see evaluation/engines.py), vLLM's definitions:
 
     acceptance length       = 1 + accepted / drafts       (tokens per target forward of a speculating request)
     acceptance at pos. i    = accepted_per_pos[i] / drafts (i = 0..k-1)
     draft acceptance rate   = accepted / draft_tokens
 
 Reports: ${bench.output}/bench_serve.json, bench_serve.md (per concurrency: both rates, speedup, acceptance length,
-TPOT, the k that serves fastest, and whether the greedy outputs of the two servers agree token for token), logs.
+TPOT, the k that serves fastest, and whether the greedy outputs of the two servers agree token for token; SGLang
+returns no token ids, so there its outputs are compared as text), logs.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
-
 from common.entry import dataclass_command
 from common.files import atomic_write_json, atomic_write_text
 from common.logs import get_logger
-from common.server import (VLLMServer, cuda_available, free_port, install_signal_handlers, stop_servers,
-                           vllm_command)
+from common.server import ServerProcess, cuda_available, free_port, install_signal_handlers, stop_servers
+from evaluation.engines import (BENCH_ENGINES, Draft, _parse_metrics_plain, acceptance_from_counters,  # noqa: F401
+                                draft_label, parse_metrics, sglang_trees, spec_counters)
 from evaluation.prompts import load_prompts, messages_for
 
 log = get_logger("bench")
 
-SPEC_COUNTERS = {  # Prometheus sample names of vLLM's (v1) speculative-decoding counters
-    "drafts": "vllm:spec_decode_num_drafts_total",
-    "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
-    "accepted": "vllm:spec_decode_num_accepted_tokens_total",
-}
-PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
-
 
 @dataclass
 class ServeBenchConfig:
-    target: str = "data/models/SmolLM2-135M-Instruct"   # HF folder (or hub id) vLLM serves
+    target: str = "data/models/SmolLM2-135M-Instruct"   # HF folder (or hub id) the engine serves
     served_name: str = "smollm2-135m"                    # --served-model-name
     draft: str = "data/train/smollm2-135m/export"       # EAGLE-3 export folder
     output: str = "data/bench/smollm2-135m"              # reports and server logs
+    engine: str = "vllm"                                 # vllm | sglang (evaluation/engines.py)
     num_speculative_tokens: list[int] = field(default_factory=lambda: [3])  # k values, one server each
+    # SGLang only: trees, one server each beside the chains above: {num_steps, eagle_topk, num_draft_tokens} or a list
+    sglang_tree: dict[str, Any] | list[dict[str, Any]] | None = None
     prompts: str = "mtbench"                             # prompt set (prompts.load_prompts): first user turns
     num_prompts: int | None = None                       # first N prompts (None = all; MT-bench: 80)
     max_tokens: int = 256                                # per request
@@ -72,19 +74,28 @@ class ServeBenchConfig:
     max_model_len: int = 4096
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
-    extra_args: list[str] = field(default_factory=list)  # more vLLM flags (both servers)
+    extra_args: list[str] = field(default_factory=list)  # more engine flags (every server)
     env: dict[str, str] = field(default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "2"})
     port: int = 0                                        # 0 = a free port (several servers: port, port+1, ...)
-    start_together: bool | None = None                   # start every server at once; None = on a GPU
+    start_together: bool | None = None                   # vLLM: start every server at once; None = on a GPU
     gpu_memory_utilization: float | None = None          # GPU share of each server; None = 0.9 / servers together
+                                                         #   (SGLang: --mem-fraction-static when set)
     startup_timeout: float = 900.0                       # seconds to wait for /health
     request_timeout: float = 600.0
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.engine not in BENCH_ENGINES:
+            raise ValueError(f"bench.engine must be one of {sorted(BENCH_ENGINES)}, got {self.engine!r}")
+        trees = sglang_trees(self.sglang_tree)
+        if trees and self.engine != "sglang":
+            raise ValueError("bench.sglang_tree is for bench.engine=sglang (vLLM drafts chains only)")
+        if self.start_together and not BENCH_ENGINES[self.engine].shares_gpu:
+            raise ValueError(f"bench.start_together: {BENCH_ENGINES[self.engine].label} servers run one at a time "
+                             "(each keeps a fraction of the GPU memory free at its start for itself)")
         ks = self.num_speculative_tokens
         self.num_speculative_tokens = [int(k) for k in (ks if isinstance(ks, (list, tuple)) else [ks])]
-        if not self.num_speculative_tokens or min(self.num_speculative_tokens) < 1:
+        if not (self.num_speculative_tokens or trees) or min(self.num_speculative_tokens, default=1) < 1:
             raise ValueError(f"bench.num_speculative_tokens must be an int >= 1 or a list of them, got {ks}")
         if not self.concurrency or any(int(c) < 1 for c in self.concurrency):
             raise ValueError(f"bench.concurrency must be a non-empty list of ints >= 1, got {self.concurrency}")
@@ -95,118 +106,59 @@ class ServeBenchConfig:
                              "checkpoint first: python -m stage3_train.export CKPT OUT")
 
 
-# ---------------------------------------------------------------- /metrics
-def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Prometheus text exposition -> {(sample name, sorted labels): value}. prometheus_client's parser when
-    installed (vLLM depends on it), else a small one for the `name{k="v",...} value` lines."""
-    try:
-        from prometheus_client.parser import text_string_to_metric_families
-    except ImportError:
-        return _parse_metrics_plain(text)
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-    return out
-
-
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def _parse_metrics_plain(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not (m := _LINE.match(line.strip())):
-            continue
-        labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
-        out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
-def spec_counters(samples: dict, model_name: str | None = None) -> dict[str, Any]:
-    """Totals of the speculative counters (summed over engines), and accepted per position [k]."""
-    def keep(labels) -> bool:
-        return model_name is None or dict(labels).get("model_name", model_name) == model_name
-
-    totals = {key: sum(v for (n, lab), v in samples.items() if n == name and keep(lab))
-              for key, name in SPEC_COUNTERS.items()}
-    per_pos: dict[int, float] = {}
-    for (n, lab), v in samples.items():
-        if n == PER_POS and keep(lab):
-            pos = int(dict(lab)["position"])
-            per_pos[pos] = per_pos.get(pos, 0.0) + v
-    totals["per_pos"] = [per_pos[i] for i in sorted(per_pos)]
-    return totals
-
-
-def acceptance_from_counters(before: dict[str, Any], after: dict[str, Any], k: int) -> dict[str, Any]:
-    """Acceptance over the window between two `spec_counters` snapshots; ValueError if the counters are
-    inconsistent (they must satisfy 0 <= accepted <= k * drafts and sum(per_pos) == accepted)."""
-    d = {key: after[key] - before[key] for key in SPEC_COUNTERS}
-    per_pos = [a - b for a, b in zip(after["per_pos"], before["per_pos"] or [0.0] * len(after["per_pos"]))]
-    drafts = d["drafts"]
-    per_pos_ok = not per_pos or abs(sum(per_pos) - d["accepted"]) <= 1e-6
-    if drafts < 0 or not 0 <= d["accepted"] <= k * drafts + 1e-6 or not per_pos_ok:
-        raise ValueError(f"inconsistent speculative counters: drafts {drafts}, accepted {d['accepted']}, "
-                         f"per position {per_pos}, k {k}")
-    return {"drafts": int(drafts), "draft_tokens": int(d["draft_tokens"]), "accepted": int(d["accepted"]),
-            "acceptance_length": 1.0 + d["accepted"] / drafts if drafts else None,
-            "per_position": [p / drafts for p in per_pos] if drafts else [],
-            "draft_acceptance_rate": d["accepted"] / d["draft_tokens"] if d["draft_tokens"] else None}
-
-
-def scrape(url: str) -> tuple[dict[str, Any], str]:
-    """(spec_counters of the server's /metrics, the raw text)."""
-    resp = httpx.get(url.rstrip("/") + "/metrics", timeout=30.0)
-    resp.raise_for_status()
-    return spec_counters(parse_metrics(resp.text)), resp.text
-
-
 # ---------------------------------------------------------------- load
 async def _send_all(url: str, cfg: ServeBenchConfig, conversations: list[list[dict]], concurrency: int
                     ) -> dict[str, Any]:
-    """All conversations with `concurrency` in flight: completion token ids per request, tokens, wall seconds and
-    each request's seconds per output token."""
+    """All conversations with `concurrency` in flight: each request's output (completion token ids; text where the
+    engine returns no ids) and meta_info (SGLang), tokens, wall seconds and each request's seconds per output
+    token."""
     from stage1_sample.client import ChatClient, api_key_from_env
 
+    engine = BENCH_ENGINES[cfg.engine]
     sem = asyncio.Semaphore(concurrency)
     async with ChatClient([url], cfg.served_name, timeout=cfg.request_timeout, max_retries=2,
-                          api_key=api_key_from_env()) as client:
+                          api_key=api_key_from_env(), return_token_ids=engine.returns_token_ids,
+                          extra_body=engine.request_fields) as client:
         async def one(messages):
             async with sem:
                 t0 = time.perf_counter()
                 r = await client.chat(messages, temperature=0.0, max_tokens=cfg.max_tokens, seed=0,
-                                      chat_template_kwargs=cfg.chat_template_kwargs or None)
+                                      chat_template_kwargs=cfg.chat_template_kwargs or None, parse=engine.parse)
                 return r, time.perf_counter() - t0
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(m) for m in conversations))
         wall = time.perf_counter() - t0
-    return {"ids": [list(r.message.get("completion_token_ids", [])) for r, _ in results],
-            "tokens": sum(r.num_completion_tokens for r, _ in results), "wall": wall,
-            "tpot": [dt / r.num_completion_tokens for r, dt in results if r.num_completion_tokens]}
+    out = {"tokens": sum(r.num_completion_tokens for r, _ in results), "wall": wall,
+           "tpot": [dt / r.num_completion_tokens for r, dt in results if r.num_completion_tokens],
+           "meta": [r.message.get("meta_info") for r, _ in results]}
+    if engine.returns_token_ids:
+        out["ids"] = [list(r.message.get("completion_token_ids", [])) for r, _ in results]
+    else:
+        out["texts"] = [r.message.get("content", "") for r, _ in results]
+    return out
 
 
 def bench_server(url: str, cfg: ServeBenchConfig, conversations: list[list[dict]], name: str, k: int | None
                  ) -> dict[str, Any]:
-    """Warm-up, then one pass per concurrency: tokens/s, TPOT and (speculative server, k drafts) acceptance."""
+    """Warm-up, then one pass per concurrency: tokens/s, TPOT and (speculative server, k draft steps) acceptance."""
+    engine = BENCH_ENGINES[cfg.engine]
     if cfg.warmup_requests:
         warm = dataclasses.replace(cfg, max_tokens=16)
         asyncio.run(_send_all(url, warm, conversations[: cfg.warmup_requests], cfg.warmup_requests))
     passes = {}
     for c in cfg.concurrency:
-        before, _ = scrape(url)
+        before, _ = engine.snapshot(url)
         sent = asyncio.run(_send_all(url, cfg, conversations, int(c)))
-        after, text = scrape(url)
+        after, text = engine.snapshot(url)
         atomic_write_text(Path(cfg.output) / f"metrics-{name}.txt", text)   # the last raw /metrics, for inspection
         tokens, wall = sent["tokens"], sent["wall"]
         entry: dict[str, Any] = {"requests": len(conversations), "output_tokens": tokens, "wall_s": round(wall, 3),
                                  "output_tokens_per_s": round(tokens / wall, 2),
-                                 "tpot_ms": round(1000 * sum(sent["tpot"]) / max(len(sent["tpot"]), 1), 3),
-                                 "completion_ids": sent["ids"]}
+                                 "tpot_ms": round(1000 * sum(sent["tpot"]) / max(len(sent["tpot"]), 1), 3)}
+        entry.update({"completion_ids": sent["ids"]} if "ids" in sent else {"completion_texts": sent["texts"]})
         if k is not None:
-            entry["spec"] = acceptance_from_counters(before, after, k)
+            entry["spec"] = engine.acceptance(before, after, sent["meta"], k)
         passes[str(c)] = entry
         log.info(f"{name} c={c}: {tokens} tokens in {wall:.1f} s = {tokens / wall:.1f} tok/s, TPOT "
                  f"{entry['tpot_ms']:.2f} ms" + (f", acceptance length {entry['spec']['acceptance_length']}"
@@ -215,48 +167,43 @@ def bench_server(url: str, cfg: ServeBenchConfig, conversations: list[list[dict]
 
 
 # ---------------------------------------------------------------- servers and report
-def server_plan(cfg: ServeBenchConfig) -> list[tuple[str, int | None]]:
-    """(name, k) of each server: the baseline (k None) when asked, then one per k."""
-    return ([("baseline", None)] if cfg.baseline else []) + [(f"eagle3-k{k}", k) for k in cfg.num_speculative_tokens]
-
-
-def _speculative_args(draft: str, k: int) -> list[str]:
-    spec = {"method": "eagle3", "model": str(Path(draft).resolve()), "num_speculative_tokens": int(k)}
-    return ["--speculative-config", json.dumps(spec)]
+def server_plan(cfg: ServeBenchConfig) -> list[tuple[str, Draft | None]]:
+    """(name, draft) of each server: the baseline (None) when asked, one chain per k, then SGLang's trees."""
+    drafts = [Draft(k) for k in cfg.num_speculative_tokens] + sglang_trees(cfg.sglang_tree)
+    return ([("baseline", None)] if cfg.baseline else []) + [(d.name, d) for d in drafts]
 
 
 def server_commands(cfg: ServeBenchConfig, together: bool, gpu: bool | None = None
                     ) -> list[tuple[str, int | None, int, list[str]]]:
     """(name, k, port, command) of every server; started together, each takes an equal share of the GPU."""
+    engine = BENCH_ENGINES[cfg.engine]
     plan = server_plan(cfg)
     share = cfg.gpu_memory_utilization or (round(0.9 / len(plan), 4) if together else None)
     out = []
-    for i, (name, k) in enumerate(plan):
+    for i, (name, draft) in enumerate(plan):
         port = cfg.port + i if cfg.port else free_port()
-        extra = list(cfg.extra_args) + (_speculative_args(cfg.draft, k) if k is not None else [])
-        cmd = vllm_command(cfg.target, cfg.served_name, port, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                           trust_remote_code=cfg.trust_remote_code, extra_args=extra, gpu=gpu,
-                           gpu_memory_utilization=share)
-        out.append((name, k, port, cmd))
+        out.append((name, None if draft is None else draft.k, port, engine.command(cfg, draft, port, share, gpu)))
     return out
 
 
-def _server(cfg: ServeBenchConfig, name: str, port: int, cmd: list[str]) -> VLLMServer:
-    return VLLMServer(cmd, port=port, env=cfg.env, log_file=Path(cfg.output) / f"server-{name}.log",
-                      startup_timeout=cfg.startup_timeout)
+def _server(cfg: ServeBenchConfig, name: str, port: int, cmd: list[str]) -> ServerProcess:
+    engine = BENCH_ENGINES[cfg.engine]
+    return ServerProcess(cmd, port=port, env=cfg.env, log_file=Path(cfg.output) / f"server-{name}.log",
+                         startup_timeout=cfg.startup_timeout, name=engine.label, health_path=engine.health_path)
 
 
 def run_servers(cfg: ServeBenchConfig, conversations: list[list[dict]], save: Callable[[dict], None]
                 ) -> dict[str, Any]:
     """Every server of ``server_plan``, measured one after another; ``save`` gets the results after each."""
-    together = cuda_available() if cfg.start_together is None else cfg.start_together
+    together = BENCH_ENGINES[cfg.engine].shares_gpu and (cuda_available() if cfg.start_together is None
+                                                          else cfg.start_together)
     planned = server_commands(cfg, together)
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        running: dict[str, VLLMServer] = {}
+        running: dict[str, ServerProcess] = {}
         if together:
             log.info(f"starting {len(planned)} servers together: {', '.join(name for name, *_ in planned)}")
-            started: list[VLLMServer] = []
+            started: list[ServerProcess] = []
             stack.callback(stop_servers, started)   # registered first: a failed start stops the others too
             for name, _, port, cmd in planned:
                 started.append(_server(cfg, name, port, cmd))
@@ -276,26 +223,37 @@ def run_servers(cfg: ServeBenchConfig, conversations: list[list[dict]], save: Ca
     return results
 
 
+def _outputs(p: dict[str, Any]) -> list:
+    """A pass's outputs as compared between servers: token ids (vLLM), else texts (SGLang)."""
+    return p["completion_ids"] if "completion_ids" in p else p["completion_texts"]
+
+
+def _label_order(label: str) -> tuple:
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
 def serve_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """Per concurrency: every k's figures (tokens/s, TPOT, speedup, acceptance, identical outputs) under ``by_k``,
-    and the k that served fastest (``best_k``) with its figures at the top level beside the baseline's."""
-    ks = sorted(int(name.rsplit("-k", 1)[1]) for name in results if name.startswith("eagle3-k"))
+    """Per concurrency: every draft's figures (tokens/s, TPOT, speedup, acceptance, identical outputs) under
+    ``by_k`` (keyed by k for a chain, "stepsS-topkK-tokensM" for an SGLang tree), and the one that served fastest
+    (``best_k``) with its figures at the top level beside the baseline's."""
+    drafts = sorted(((draft_label(name), name) for name in results if name.startswith("eagle3-")),
+                    key=lambda ln: _label_order(ln[0]))
     rows = {}
-    for c in results[f"eagle3-k{ks[0]}"]["passes"]:
+    for c in results[drafts[0][1]]["passes"]:
         base = results.get("baseline", {}).get("passes", {}).get(c)
         by_k = {}
-        for k in ks:
-            spec = results[f"eagle3-k{k}"]["passes"][c]
+        for label, name in drafts:
+            spec = results[name]["passes"][c]
             entry = {"eagle3_tokens_per_s": spec["output_tokens_per_s"], "eagle3_tpot_ms": spec.get("tpot_ms"),
                      **{key: spec["spec"][key] for key in
                         ("acceptance_length", "per_position", "drafts", "accepted", "draft_acceptance_rate")}}
             if base:
                 entry["speedup"] = round(spec["output_tokens_per_s"] / base["output_tokens_per_s"], 3)
-                same = sum(a == b for a, b in zip(base["completion_ids"], spec["completion_ids"]))
-                entry["identical_outputs"] = f"{same}/{len(spec['completion_ids'])}"
-            by_k[str(k)] = entry
+                same = sum(a == b for a, b in zip(_outputs(base), _outputs(spec)))
+                entry["identical_outputs"] = f"{same}/{len(_outputs(spec))}"
+            by_k[label] = entry
         best = max(by_k, key=lambda k: by_k[k]["eagle3_tokens_per_s"])
-        row = {"best_k": int(best), **by_k[best], "by_k": by_k}
+        row = {"best_k": int(best) if best.isdigit() else best, **by_k[best], "by_k": by_k}
         if base:
             row["baseline_tokens_per_s"] = base["output_tokens_per_s"]
             row["baseline_tpot_ms"] = base.get("tpot_ms")
@@ -318,8 +276,9 @@ def serve_table(summary: dict[str, Any]) -> str:
     if first and len(first["by_k"]) > 1:
         ks = list(first["by_k"])
         key = "speedup" if "speedup" in first["by_k"][ks[0]] else "eagle3_tokens_per_s"
-        lines += ["", "| concurrency | " + " | ".join(f"k={k}: {key.replace('_', ' ')} (acceptance length)"
-                                                     for k in ks) + " |", "| --- |" + " --- |" * len(ks)]
+        lines += ["", "| concurrency | " + " | ".join(f"{'k=' if k.isdigit() else ''}{k}: {key.replace('_', ' ')} "
+                                                     "(acceptance length)" for k in ks) + " |",
+                  "| --- |" + " --- |" * len(ks)]
         for c, r in summary.items():
             cells = [f"{r['by_k'][k][key]} ({r['by_k'][k]['acceptance_length'] or 0:.3f})" for k in ks]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")

@@ -120,8 +120,10 @@ class ChatClient:
         max_tokens: int = 256,
         seed: int | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        parse: Callable[[Any], ChatResult] | None = None,
     ) -> ChatResult:
-        """One assistant turn for ``messages``; the returned message carries vLLM's token ids (when it sends them)."""
+        """One assistant turn for ``messages``; the returned message carries vLLM's token ids (when it sends them).
+        ``parse``: the answer's reader (default ``parse_response``; evaluation.engines keeps SGLang's meta_info)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [server_message(m) for m in messages],
@@ -141,7 +143,7 @@ class ChatClient:
             if chat_template_kwargs.get("reasoning_effort") is not None:
                 # gpt-oss: vLLM's harmony renderer reads the request's reasoning_effort, not the template kwargs
                 body["reasoning_effort"] = chat_template_kwargs["reasoning_effort"]
-        return await self.post("/chat/completions", body, parse_response)
+        return await self.post("/chat/completions", body, parse or parse_response)
 
     async def post(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
         """POST with retries, ``parse(JSON body)`` of the first good 200; the next server of the round robin takes
