@@ -27,7 +27,8 @@ MAKE_STAGES = {"sample": "stage1_sample", "hidden": "stage2_hidden", "train": "s
 TOOLS = {"stage2_hidden.inspect", "stage3_train.export"}  # repo entries that take paths, not Hydra settings
 RECORDER = r"""
 set -e
-record() { printf '%s' "$1"; shift; for arg in "$@"; do printf '\037%s' "$arg"; done; printf '\036'; }
+# one write per command: a command run in the background (`vllm serve ... &`) must not interleave with the next one
+record() { local r=$1; shift; for arg in "$@"; do r+=$'\037'"$arg"; done; printf '%s\036' "$r"; }
 make() { record make "$@"; }
 python() { record python "$@"; }
 torchrun() { record torchrun "$@"; }
