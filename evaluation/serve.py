@@ -48,8 +48,7 @@ from common.entry import dataclass_command
 from common.files import atomic_write_json, atomic_write_text
 from common.logs import get_logger
 from common.server import ServerProcess, cuda_available, free_port, install_signal_handlers, stop_servers
-from evaluation.engines import (BENCH_ENGINES, Draft, _parse_metrics_plain, acceptance_from_counters,  # noqa: F401
-                                draft_label, parse_metrics, sglang_trees, spec_counters)
+from evaluation.engines import BENCH_ENGINES, Draft, draft_label, sglang_trees
 from evaluation.prompts import load_prompts, messages_for
 
 log = get_logger("bench")

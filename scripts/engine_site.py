@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  kept {n} (not declared by {engine}): {why}")
     for key, d in removed.items():
         print(f"  dropped files {key} ({mb(d['bytes'])}): {d['reason']}")
-    print(f"  archive: " + ", ".join(f"{p.name} {mb(p.stat().st_size)}" for p in parts)
+    print("  archive: " + ", ".join(f"{p.name} {mb(p.stat().st_size)}" for p in parts)
           + f" (total {mb(sum(p.stat().st_size for p in parts))}); sha256 in {tag}.sha256")
     if flags:
         print(f"  serve with: {' '.join(flags)}")

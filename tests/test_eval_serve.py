@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from evaluation.serve import (ServeBenchConfig, _parse_metrics_plain, acceptance_from_counters, plain_args as _plain_args,
-                                     serve_table as format_table, parse_metrics, run, spec_counters, serve_summary as summarize)
+from evaluation.engines import _parse_metrics_plain, acceptance_from_counters, parse_metrics, spec_counters
+from evaluation.serve import (ServeBenchConfig, plain_args as _plain_args, run, serve_summary as summarize,
+                              serve_table as format_table)
 
 # vLLM 0.32's exposition of the counters (prometheus_client: *_total and *_created samples, engine/model labels)
 METRICS = """\
